@@ -1,0 +1,20 @@
+# echo-chamber: data mixture x model scale x RL algorithm (x KL x seed), into one DuckDB store.
+#   snakemake --cores all                                   the embedded mini-study (config.yaml)
+#   snakemake --profile profiles/slurm --configfile configs/paper.yaml   the paper's grid on Slurm
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        data_outputs(),
+        tokenizer_outputs(),

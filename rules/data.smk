@@ -1,0 +1,36 @@
+# Data stage: each source's splits in the shared schema, and the tokenizer over the mixtures' text.
+from echochamber.data.sources import source_spec
+
+
+rule source:
+    output:
+        train=f"{R}/data/source={{source}}/train.parquet",
+        test=f"{R}/data/source={{source}}/test.parquet",
+        hard=f"{R}/data/source={{source}}/hard.parquet",
+    input:
+        SRC / "data" / "synthetic.py",
+        SRC / "data" / "sources.py",
+    params:
+        spec=lambda w: source_spec(config, w.source),
+    log:
+        f"{R}/logs/data/source={{source}}.log",
+    benchmark:
+        f"{R}/benchmarks/data/source={{source}}.tsv"
+    script:
+        "../workflow_scripts/make_source.py"
+
+
+rule tokenizer:
+    output:
+        f"{R}/tokenizer/tokenizer_config.json",
+    input:
+        SRC / "data" / "tokenizer.py",
+        train=expand(f"{R}/data/source={{source}}/train.parquet", source=ec_grid.mixture_sources(config)),
+    params:
+        spec=config["tokenizer"],
+    log:
+        f"{R}/logs/tokenizer.log",
+    benchmark:
+        f"{R}/benchmarks/tokenizer.tsv"
+    script:
+        "../workflow_scripts/make_tokenizer.py"

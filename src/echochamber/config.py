@@ -1,0 +1,107 @@
+"""Load and validate a workflow config: a bad config fails in one sentence before any job runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+SCHEMA_FILE = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config; the message is one sentence naming the field."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_FILE.read_text())
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    validate(config, origin=str(path))
+    return config
+
+
+def _field(path) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _allowed(schema: dict) -> list[str]:
+    return sorted(schema.get("properties", {}))
+
+
+def _explain(error: jsonschema.ValidationError) -> str:
+    """Turn a jsonschema error into one sentence naming the field and what is allowed."""
+    where = _field(error.absolute_path)
+    v, s = error.validator, error.schema
+    if v == "additionalProperties" and s.get("additionalProperties") is False:
+        extra = sorted(set(error.instance) - set(s.get("properties", {})))
+        return f"{where}: unknown key {', '.join(map(repr, extra))}; allowed keys: {', '.join(_allowed(s))}"
+    if v in ("enum", "const"):
+        allowed = s.get("enum", [s.get("const")])
+        return f"{where}: {error.instance!r} is not allowed; allowed values: {', '.join(map(str, allowed))}"
+    if v == "required":
+        return f"{where}: {error.message}"
+    if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[v]
+        return f"{where}: {error.instance!r} must be {op} {error.validator_value}"
+    if v == "type":
+        return f"{where}: {error.instance!r} must be of type {error.validator_value}"
+    if v == "pattern":
+        return f"{where}: {error.instance!r} must match {error.validator_value}"
+    return f"{where}: {error.message}"
+
+
+def _deepest(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    # if/then branches report the most specific cause; prefer it.
+    while error.context:
+        error = jsonschema.exceptions.best_match(error.context)
+    return error
+
+
+def validate(config: object, origin: str = "config") -> None:
+    """Raise ConfigError with one clear sentence for the first problem found."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"{origin}: the config must be a mapping of keys to settings")
+    validator = jsonschema.Draft202012Validator(load_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is not None:
+        raise ConfigError(f"{origin}: {_explain(_deepest(error))}")
+    _check_references(config, origin)
+
+
+def _check_references(config: dict, origin: str) -> None:
+    """Cross-references the schema cannot express: names used must be defined."""
+    sources = config["data"]["sources"]
+    for name, mix in config["mixtures"].items():
+        for src in mix:
+            if src not in sources:
+                raise ConfigError(f"{origin}: mixtures.{name}: unknown source {src!r}; "
+                                  f"defined in data.sources: {', '.join(sources)}")
+    grid = config["grid"]
+    for key, defined in (("mixtures", config["mixtures"]), ("scales", config["scales"])):
+        for name in grid[key]:
+            if name not in defined:
+                raise ConfigError(f"{origin}: grid.{key}: unknown {key[:-1]} {name!r}; "
+                                  f"allowed values: {', '.join(map(str, defined))}")
+    for section, key in (("rl", "prompts"),):
+        ref = config.get(section, {}).get(key)
+        if ref and ref["source"] not in sources:
+            raise ConfigError(f"{origin}: {section}.{key}.source: unknown source {ref['source']!r}; "
+                              f"defined in data.sources: {', '.join(sources)}")
+    for bench, spec in config.get("eval", {}).get("benchmarks", {}).items():
+        if spec["source"] not in sources:
+            raise ConfigError(f"{origin}: eval.benchmarks.{bench}.source: unknown source {spec['source']!r}; "
+                              f"defined in data.sources: {', '.join(sources)}")
+    for name, scale in config["scales"].items():
+        if scale["d_model"] % scale["n_heads"]:
+            raise ConfigError(f"{origin}: scales.{name}: d_model {scale['d_model']} is not divisible "
+                              f"by n_heads {scale['n_heads']}")

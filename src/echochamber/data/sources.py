@@ -1,0 +1,44 @@
+"""Build one source's splits (train, test, hard) in the shared schema, synthetic or from the hub."""
+
+from __future__ import annotations
+
+from echochamber.data import synthetic
+from echochamber.io import atomic_path
+
+
+def source_spec(config: dict, name: str) -> dict:
+    """Only the settings one source's data depends on (so editing another source reruns nothing here)."""
+    spec = dict(config["data"]["sources"][name])
+    if spec["kind"] == "synthetic":
+        syn = config["data"].get("synthetic", {})
+        spec.setdefault("n_train", syn.get("n_train", 2000))
+        spec.setdefault("n_test", syn.get("n_test", 200))
+        spec.setdefault("n_hard", syn.get("n_hard", 200))
+        spec["difficulty"] = syn.get("difficulty", {})
+        spec["hard"] = syn.get("hard", {"min_steps": 4, "max_steps": 5})
+        spec["seed"] = config["seed"]
+    return spec
+
+
+def synthetic_splits(name: str, spec: dict) -> dict[str, list[dict]]:
+    easy = synthetic.Difficulty(**spec["difficulty"])
+    hard = synthetic.Difficulty(**spec["hard"])
+    gen = dict(source=name, render=spec["render"], seed=spec["seed"])
+    train = synthetic.generate(split="train", n=spec["n_train"], difficulty=easy, **gen)
+    seen = {r["question"] for r in train}
+    test = synthetic.generate(split="test", n=spec["n_test"], difficulty=easy, exclude=seen, **gen)
+    hard_rows = synthetic.generate(split="hard", n=spec["n_hard"], difficulty=hard, exclude=seen, **gen)
+    return {"train": train, "test": test, "hard": hard_rows}
+
+
+def build(name: str, spec: dict, outputs: dict[str, str]) -> dict[str, int]:
+    """Write each split to its output path atomically; return rows per split."""
+    if spec["kind"] == "synthetic":
+        splits = synthetic_splits(name, spec)
+    else:
+        from echochamber.data import hub
+        splits = hub.load_splits(name, spec)
+    for split, path in outputs.items():
+        with atomic_path(path) as tmp:
+            synthetic.write_parquet(splits[split], tmp)
+    return {s: len(rows) for s, rows in splits.items()}

@@ -1,0 +1,63 @@
+"""Tokenizers: a byte-level BPE trained on the mixture text (mini-study) or a pretrained one (paper).
+
+Digits are split one per token, as the Llama-2 tokenizer of the paper does. Every tokenizer is saved
+as a ``transformers`` folder with an EOS and a pad token, so checkpoints load it with AutoTokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+
+
+def pretrained(name: str):
+    """A hub tokenizer (the paper's Llama-2); a pad token is added if it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise RuntimeError(f"cannot load tokenizer {name!r} from the hub or its cache ({e}); "
+                           f"set tokenizer.name to a local folder holding tokenizer files") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def load(path: str | Path):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer_config.json").exists():
+        raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer_config.json there")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def documents(parquet_files: Iterable[str | Path]) -> Iterator[str]:
+    """The text of every document of some source splits (question + blank line + solution)."""
+    import pyarrow.parquet as pq
+
+    from echochamber.formats import document
+
+    for f in parquet_files:
+        table = pq.read_table(f, columns=["question", "solution"])
+        for q, s in zip(table["question"].to_pylist(), table["solution"].to_pylist()):
+            yield document(q, s)

@@ -1,0 +1,91 @@
+"""The grid: config -> cells, their ids and their hive-style paths.
+
+Paths carry the coordinates (``mixture=M/scale=Z/...``) so DuckDB reads them straight from the path,
+and each cell's id is the same string, so a cell is named the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+ALGOS = ("ppo", "grpo", "ei")
+SPLITS = ("train", "test", "hard")
+
+
+def kl_str(kl: float) -> str:
+    """One spelling per KL coefficient: 0, 0.001, 0.01 (used in paths and wildcards)."""
+    return f"{float(kl):g}"
+
+
+@dataclass(frozen=True)
+class PretrainCell:
+    mixture: str
+    scale: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"mixture={self.mixture}/scale={self.scale}/seed={self.seed}"
+
+
+@dataclass(frozen=True)
+class RLCell:
+    mixture: str
+    scale: str
+    algo: str
+    kl: float
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return (f"mixture={self.mixture}/scale={self.scale}/algo={self.algo}/"
+                f"kl={kl_str(self.kl)}/seed={self.seed}")
+
+    @property
+    def base(self) -> PretrainCell:
+        return PretrainCell(self.mixture, self.scale, self.seed)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _excluded(cell: dict, rules: list[dict]) -> bool:
+    def matches(rule):
+        return all(k in cell and (float(cell[k]) == float(v) if k == "kl" else cell[k] == v)
+                   for k, v in rule.items())
+    return any(matches(r) for r in rules)
+
+
+def rl_cells(config: dict) -> list[RLCell]:
+    g = config["grid"]
+    cells = []
+    for algo, spec in g.get("algos", {}).items():
+        for m, z, kl, s in itertools.product(g["mixtures"], g["scales"], spec["kl"], g["seeds"]):
+            cell = RLCell(m, z, algo, float(kl), int(s))
+            if not _excluded(asdict(cell), g.get("exclude", [])):
+                cells.append(cell)
+    return cells
+
+
+def pretrain_cells(config: dict) -> list[PretrainCell]:
+    """Every (mixture, scale, seed) that is not excluded; an RL cell's base is always included."""
+    g = config["grid"]
+    cells = {PretrainCell(m, z, int(s)) for m, z, s in itertools.product(g["mixtures"], g["scales"], g["seeds"])
+             if not _excluded({"mixture": m, "scale": z, "seed": s}, g.get("exclude", []))}
+    cells |= {c.base for c in rl_cells(config)}
+    return sorted(cells, key=lambda c: (c.mixture, c.scale, c.seed))
+
+
+def sources_needed(config: dict) -> list[str]:
+    """Sources the grid reads: those of its mixtures, the RL prompts and the eval benchmarks."""
+    needed = {s for m in config["grid"]["mixtures"] for s in config["mixtures"][m]}
+    if config.get("rl", {}).get("prompts") and config["grid"].get("algos"):
+        needed.add(config["rl"]["prompts"]["source"])
+    needed |= {b["source"] for b in config.get("eval", {}).get("benchmarks", {}).values()}
+    return sorted(needed)
+
+
+def mixture_sources(config: dict) -> list[str]:
+    """Sources whose text the tokenizer is trained on: those of the grid's mixtures."""
+    return sorted({s for m in config["grid"]["mixtures"] for s in config["mixtures"][m]})
