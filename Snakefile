@@ -6,7 +6,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# A --configfile (e.g. configs/paper.yaml) replaces the embedded default instead of merging into it.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
 
 
 include: "rules/common.smk"
@@ -18,3 +22,7 @@ rule all:
     input:
         data_outputs(),
         tokenizer_outputs(),
+
+
+onsuccess:
+    print(where_message())

@@ -5,8 +5,9 @@ from pathlib import Path
 from echochamber import config as ec_config
 from echochamber import grid as ec_grid
 
+CONFIG_ORIGIN = ", ".join(map(str, workflow.overwrite_configfiles)) or "config.yaml"
 try:
-    ec_config.validate(config, origin="config")
+    ec_config.validate(config, origin=CONFIG_ORIGIN)
 except ec_config.ConfigError as e:
     sys.exit(f"Config error: {e}")
 
@@ -33,3 +34,15 @@ def data_outputs():
 
 def tokenizer_outputs():
     return [f"{R}/tokenizer/tokenizer_config.json"]
+
+
+def where_message():
+    """What `make run` prints at the end: where the results are."""
+    lines = ["", f"Results are under {R}/:"]
+    for what, path in [("data (one folder per source)", f"{R}/data"), ("tokenizer", f"{R}/tokenizer"),
+                       ("pretrained models", f"{R}/pretrain"), ("RL runs", f"{R}/rl"),
+                       ("evaluations", f"{R}/eval"), ("results store (query with `echochamber sql`)", f"{R}/echo.duckdb"),
+                       ("report", f"{R}/report.html")]:
+        if Path(path).exists():
+            lines.append(f"  {what:<48} {path}")
+    return "\n".join(lines)

@@ -1,0 +1,30 @@
+# The two commands of the README: `make run` (the embedded study) and `make test` (the test suite).
+# Both create .venv on first use and reuse it afterwards (the stamp file tracks pyproject.toml).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# On a machine without CUDA, take the CPU build of torch (this machine keeps it on disk); on a GPU
+# machine pip's default torch (CUDA) is right. Override with `make TORCH=... run`.
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+CORES ?= all
+
+.PHONY: run test setup clean-results
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "Installing into $(VENV) ($(TORCH), then echochamber with test extras)..."
+	@$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	@$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+run: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean-results:
+	rm -rf results .snakemake

@@ -1,0 +1,48 @@
+"""Shared fixtures: the repository root and a tiny workflow config derived from config.yaml."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+
+
+def tiny_config(results: Path) -> dict:
+    """config.yaml shrunk to seconds: few problems, the smallest scale, short training and RL."""
+    cfg = copy.deepcopy(yaml.safe_load((ROOT / "config.yaml").read_text()))
+    cfg["results"] = str(results)
+    syn = cfg["data"]["synthetic"]
+    syn.update(n_train=120, n_test=12, n_hard=12)
+    for spec in cfg["data"]["sources"].values():
+        for key in ("n_train", "n_test", "n_hard"):
+            spec.pop(key, None)
+    cfg["tokenizer"]["vocab_size"] = 400
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def snakemake(*args, cwd=ROOT, check=True, timeout=900):
+    """Run the real workflow (the repository's Snakefile) and return the completed process."""
+    cmd = [SNAKEMAKE, "-s", str(ROOT / "Snakefile"), "-d", str(cwd), *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A tiny config file in a fresh working directory, and that directory."""
+    cfg = tiny_config(tmp_path / "results")
+    return write_config(tmp_path / "config.yaml", cfg), cfg

@@ -1,0 +1,85 @@
+"""A bad config stops before any job runs, in one sentence naming the field and the allowed values."""
+
+import copy
+
+import pytest
+import yaml
+
+from conftest import ROOT, snakemake, tiny_config, write_config
+from echochamber import config as ec_config
+from echochamber import grid
+
+GOOD = yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def mutate(fn):
+    cfg = copy.deepcopy(GOOD)
+    fn(cfg)
+    return cfg
+
+
+BAD = {
+    "typo_top_level_key": (lambda c: c.update(resutls="x"), ["resutls", "allowed keys"]),
+    "typo_pretrain_key": (lambda c: c["pretrain"].update(learning_rate=1.0), ["pretrain", "learning_rate", "allowed keys"]),
+    "unknown_source_in_mixture": (lambda c: c["mixtures"].update(bad={"tg": 1, "omi3": 2}), ["mixtures.bad", "omi3", "data.sources"]),
+    "negative_weight": (lambda c: c["mixtures"][next(iter(c["mixtures"]))].update(tg=-1), ["tg", "must be > 0"]),
+    "unknown_algorithm": (lambda c: c["grid"]["algos"].update(dpo={"kl": [0.0]}), ["grid.algos", "dpo", "ppo"]),
+    "unknown_scale": (lambda c: c["grid"].update(scales=["xxl"]), ["grid.scales", "xxl", "150M"]),
+    "unknown_render": (lambda c: c["data"]["sources"]["tg"].update(render="python"), ["data.sources.tg.render", "tinygsm"]),
+    "negative_kl": (lambda c: c["grid"]["algos"]["ppo"].update(kl=[-0.1]), ["grid.algos.ppo.kl", ">= 0"]),
+    "heads_do_not_divide": (lambda c: c["scales"]["s"].update(n_heads=3), ["scales.s", "divisible"]),
+    "wrong_type": (lambda c: c["pretrain"].update(lr="fast"), ["pretrain.lr", "number"]),
+    "unknown_precision": (lambda c: c["pretrain"].update(precision="fp8"), ["pretrain.precision", "bf16"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_config_is_one_clear_sentence(name):
+    fn, words = BAD[name]
+    with pytest.raises(ec_config.ConfigError) as err:
+        ec_config.validate(mutate(fn), origin="my.yaml")
+    msg = str(err.value)
+    assert msg.startswith("my.yaml: ") and "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_shipped_configs_are_valid():
+    for path in [ROOT / "config.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]:
+        ec_config.load(path)
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: [unclosed\n")
+    with pytest.raises(ec_config.ConfigError, match="bad.yaml is not valid YAML"):
+        ec_config.load(bad)
+    with pytest.raises(ec_config.ConfigError, match="does not exist"):
+        ec_config.load(tmp_path / "nope.yaml")
+
+
+def test_workflow_refuses_bad_config_before_any_job(tmp_path):
+    cfg = tiny_config(tmp_path / "results")
+    cfg["grid"]["algos"]["ppoo"] = {"kl": [0.0]}
+    path = write_config(tmp_path / "config.yaml", cfg)
+    proc = snakemake("-n", "--configfile", str(path), cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "Config error:" in out and "grid.algos: unknown key 'ppoo'" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "results").exists()
+
+
+def test_grid_expansion_and_exclusion():
+    cfg = mutate(lambda c: c["grid"].update(
+        mixtures=[next(iter(c["mixtures"]))], scales=["xs", "s"], seeds=[0, 1],
+        algos={"ppo": {"kl": [0.0, 0.01]}, "grpo": {"kl": [0.001]}},
+        exclude=[{"scale": "xs", "algo": "grpo"}, {"kl": 0.01, "seed": 1}]))
+    cells = grid.rl_cells(cfg)
+    # ppo: 2 scales x 2 kl x 2 seeds - (kl 0.01, seed 1) x 2 scales = 6; grpo: s only x 2 seeds = 2
+    assert len(cells) == 8
+    assert not any(c.scale == "xs" and c.algo == "grpo" for c in cells)
+    assert {c.kl for c in cells if c.seed == 1 and c.algo == "ppo"} == {0.0}
+    assert cells[0].id.count("=") == 5 and "kl=0/" in cells[0].id
+    assert grid.kl_str(0.001) == "0.001" and grid.kl_str(0) == "0"
+    assert len(grid.pretrain_cells(cfg)) == 4

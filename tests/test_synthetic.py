@@ -1,0 +1,111 @@
+"""The synthetic math world: every rendered solution is correct, splits are seeded and distinct."""
+
+import hashlib
+import re
+
+import pyarrow.parquet as pq
+import pytest
+
+from echochamber import formats
+from echochamber.data import synthetic
+from echochamber.data.sources import synthetic_splits
+
+EASY = synthetic.Difficulty()
+HARD = synthetic.Difficulty(min_steps=4, max_steps=5, max_start=90, max_addend=60, max_value=1999)
+
+
+def rows(render, n=300, split="train", difficulty=EASY):
+    return synthetic.generate("s", render, split, n, seed=7, difficulty=difficulty)
+
+
+@pytest.mark.parametrize("difficulty", [EASY, HARD])
+def test_every_tinygsm_function_returns_the_gold(difficulty):
+    for row in rows("tinygsm", difficulty=difficulty):
+        fn = formats.extract_function(row["solution"])
+        assert fn.name == "simple_math_problem"
+        assert row["solution"].startswith("def simple_math_problem() -> int:\n    \"\"\"")
+        assert row["question"] in row["solution"]  # the docstring restates the question
+        env = {}
+        exec(fn.source, env)  # our own generated code
+        assert env[fn.name]() == int(row["answer"])
+        assert formats.classify(row["solution"]) == "tinygsm"
+
+
+@pytest.mark.parametrize("difficulty", [EASY, HARD])
+def test_every_omi1_block_evaluates_to_the_gold_and_is_boxed(difficulty):
+    for row in rows("omi1", difficulty=difficulty):
+        block = formats.extract_code_block(row["solution"])
+        *body, last = block.code.strip().split("\n")
+        env = {}
+        exec("\n".join(body), env)
+        assert eval(last, env) == int(row["answer"])  # the last line is an expression
+        assert block.output.strip() == row["answer"] == block.boxed
+        assert formats.classify(row["solution"]) == "omi1"
+
+
+@pytest.mark.parametrize("difficulty", [EASY, HARD])
+def test_every_omi2_solution_has_correct_arithmetic_and_box(difficulty):
+    for row in rows("omi2", difficulty=difficulty):
+        text = row["solution"]
+        assert formats.last_boxed(text) == row["answer"]
+        assert formats.classify(text) == "text"
+        ops = re.findall(r"(\d+) ([-+*/]) (\d+) = (\d+)", text)
+        assert len(ops) == row["difficulty"]  # every step is written out, and each is right
+        for a, op, b, result in ops:
+            assert eval(f"{a} {'//' if op == '/' else op} {b}") == int(result)
+
+
+def test_gsm8k_render_has_gold_after_hashes():
+    for row in rows("gsm8k", n=50):
+        assert row["solution"].rsplit("#### ", 1)[1] == row["answer"]
+
+
+def test_difficulty_levels_differ():
+    easy = rows("tinygsm", difficulty=EASY)
+    hard = rows("tinygsm", difficulty=HARD)
+    assert max(r["difficulty"] for r in easy) <= 3
+    assert min(r["difficulty"] for r in hard) >= 4
+
+
+def test_problems_use_all_operations_and_integer_answers():
+    ops = set()
+    for row in rows("tinygsm", n=400):
+        assert int(row["answer"]) >= 0
+        ops |= {op for op in ("+", "-", "*", "//") if f" {op} " in row["solution"]}
+    assert ops == {"+", "-", "*", "//"}
+
+
+def test_corpora_have_their_shape():
+    prose = rows("prose_corpus", n=50)
+    code = rows("code_corpus", n=50)
+    assert all(formats.classify(formats.document(r["question"], r["solution"])) == "text" for r in prose)
+    for r in code:
+        env = {}
+        src = r["solution"].replace("print(", "value = (")
+        exec(src, env)
+        assert str(env["value"]) == r["solution"].rsplit("# ", 1)[1]
+
+
+SPEC = {"kind": "synthetic", "render": "tinygsm", "n_train": 200, "n_test": 50, "n_hard": 50,
+        "difficulty": {}, "hard": {"min_steps": 4, "max_steps": 5}, "seed": 3}
+
+
+def test_test_and_hard_splits_do_not_repeat_train_questions():
+    splits = synthetic_splits("tg", SPEC)
+    train = {r["question"] for r in splits["train"]}
+    assert not train & {r["question"] for r in splits["test"] + splits["hard"]}
+    assert len({r["id"] for r in splits["train"]}) == 200
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_same_seed_gives_byte_identical_parquet(tmp_path):
+    a, b, c = tmp_path / "a.parquet", tmp_path / "b.parquet", tmp_path / "c.parquet"
+    synthetic.write_parquet(synthetic_splits("tg", SPEC)["train"], a)
+    synthetic.write_parquet(synthetic_splits("tg", SPEC)["train"], b)
+    synthetic.write_parquet(synthetic_splits("tg", dict(SPEC, seed=4))["train"], c)
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+    assert pq.read_schema(a).names == ["source", "id", "question", "solution", "answer", "split", "difficulty"]
