@@ -31,6 +31,7 @@ Thus she makes \\boxed{18} dollars."""
     ("We write def f(x) for the function, and def is short for define.", "text"),
     ("Let def(x) = 3:\nthen", "text"),
     ("Some words first.\ndef helper(a, b):\n    return a + b", "tinygsm"),
+    ("def f():  # a comment\n    return 1", "tinygsm"),
     ("<llm-code>\nx = 1\n", "omi1"),  # an unclosed block still chose the format
     ("", "text"),
 ])

@@ -19,7 +19,7 @@ CODE_OPEN, CODE_CLOSE = "<llm-code>", "</llm-code>"
 OUTPUT_OPEN, OUTPUT_CLOSE = "<llm-code-output>", "</llm-code-output>"
 
 # A top-level function definition at the start of a line: `def name(args) -> T:`.
-_DEF = re.compile(r"^def[ \t]+([A-Za-z_]\w*)[ \t]*\([^\n]*\)[^\n]*:[ \t]*$", re.MULTILINE)
+_DEF = re.compile(r"^def[ \t]+([A-Za-z_]\w*)[ \t]*\([^\n]*\)[^\n#]*:[ \t]*(?:#[^\n]*)?$", re.MULTILINE)
 
 
 def prompt(question: str) -> str:
