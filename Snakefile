@@ -15,6 +15,10 @@ if not workflow.overwrite_configfiles:
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/pretrain.smk"
+include: "rules/rl.smk"
+include: "rules/evaluate.smk"
+include: "rules/results.smk"
 
 
 rule all:
@@ -22,7 +26,11 @@ rule all:
     input:
         data_outputs(),
         tokenizer_outputs(),
+        pretrain_outputs(),
+        rl_outputs(),
+        eval_outputs(),
+        results_outputs(),
 
 
 onsuccess:
-    print(where_message())
+    print(final_message())

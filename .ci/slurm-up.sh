@@ -14,7 +14,11 @@ set -euo pipefail
 log() { echo "slurm-up: $*" >&2; }
 die() { log "$*"; exit 1; }
 
-[ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages and starts daemons)"
+if [ "$(id -u)" -ne 0 ]; then
+    # CI runners are often a user with password-less sudo.
+    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then exec sudo -n bash "$0" "$@"; fi
+    die "must run as root (it installs packages and starts daemons)"
+fi
 
 CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf

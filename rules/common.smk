@@ -36,9 +36,11 @@ def tokenizer_outputs():
     return [f"{R}/tokenizer/tokenizer_config.json"]
 
 
-def where_message():
-    """What `make run` prints at the end: where the results are."""
-    lines = ["", f"Results are under {R}/:"]
+def final_message():
+    """What `make run` prints at the end: the study's summary and where the results are."""
+    summary = Path(f"{R}/summary.txt")
+    lines = ["", summary.read_text().rstrip()] if summary.exists() else []
+    lines += ["", f"Results are under {R}/:"]
     for what, path in [("data (one folder per source)", f"{R}/data"), ("tokenizer", f"{R}/tokenizer"),
                        ("pretrained models", f"{R}/pretrain"), ("RL runs", f"{R}/rl"),
                        ("evaluations", f"{R}/eval"), ("results store (query with `echochamber sql`)", f"{R}/echo.duckdb"),

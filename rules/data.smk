@@ -8,8 +8,8 @@ rule source:
         test=f"{R}/data/source={{source}}/test.parquet",
         hard=f"{R}/data/source={{source}}/hard.parquet",
     input:
-        SRC / "data" / "synthetic.py",
-        SRC / "data" / "sources.py",
+        lambda w: [SRC / "data" / f for f in ("synthetic.py", "sources.py")]
+        + ([SRC / "data" / "hub.py"] if source_spec(config, w.source)["kind"] == "hub" else []),
     params:
         spec=lambda w: source_spec(config, w.source),
     log:
@@ -25,7 +25,9 @@ rule tokenizer:
         f"{R}/tokenizer/tokenizer_config.json",
     input:
         SRC / "data" / "tokenizer.py",
-        train=expand(f"{R}/data/source={{source}}/train.parquet", source=ec_grid.mixture_sources(config)),
+        # a BPE is trained on the mixtures' text; a pretrained tokenizer needs no data
+        train=expand(f"{R}/data/source={{source}}/train.parquet", source=ec_grid.mixture_sources(config))
+        if config["tokenizer"]["kind"] == "bpe" else [],
     params:
         spec=config["tokenizer"],
     log:

@@ -46,3 +46,36 @@ def tiny(tmp_path):
     """A tiny config file in a fresh working directory, and that directory."""
     cfg = tiny_config(tmp_path / "results")
     return write_config(tmp_path / "config.yaml", cfg), cfg
+
+
+# --- Slurm: a one-node cluster for tests/test_slurm.py ------------------------------------------------
+import shutil  # noqa: E402
+
+def _slurm_ready() -> bool:
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated"))
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A running Slurm (.ci/slurm-up.sh starts one as root); skipped where it cannot start, failed if CI=true."""
+    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+    def unavailable(reason: str):
+        (pytest.fail if in_ci else pytest.skip)(f"Slurm unavailable: {reason}")
+
+    sudo = os.geteuid() != 0 and shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0
+    if os.geteuid() != 0 and not sudo:
+        if not _slurm_ready():
+            unavailable("not root (nor password-less sudo), so .ci/slurm-up.sh cannot start slurm-wlm and munge")
+        return
+    try:
+        up = subprocess.run(["bash", str(ROOT / ".ci" / "slurm-up.sh")], capture_output=True, text=True,
+                            timeout=900)
+    except subprocess.TimeoutExpired:
+        unavailable(".ci/slurm-up.sh did not finish within 15 minutes")
+    if up.returncode != 0 or not _slurm_ready():
+        unavailable(f".ci/slurm-up.sh failed ({up.returncode}): {(up.stderr or up.stdout).strip()[-500:]}")

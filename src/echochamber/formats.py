@@ -28,7 +28,12 @@ def prompt(question: str) -> str:
 
 
 def document(question: str, solution: str) -> str:
-    """A pretraining document without its EOS token (the tokenizer appends EOS)."""
+    """A pretraining document without its EOS token (the tokenizer appends EOS).
+
+    A raw-corpus document with no question is just its text.
+    """
+    if not question.strip():
+        return solution.strip()
     return prompt(question) + solution.strip()
 
 

@@ -21,13 +21,14 @@ the same fixed-shape step without capturing, so that path is tested everywhere.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 _LN_EPS = 1e-5  # OlmoLayerNorm's fixed epsilon
-_KEY_BLOCK = 64  # graph mode attends over the filled prefix rounded up to this many keys
+_BLOCK = 64  # KV-cache positions per block; attention reads whole blocks
 _CUDA_CHECK_EVERY = 8  # on CUDA, read the finished flags (a host sync) every this many steps
 
 
@@ -86,9 +87,10 @@ def sample_tokens(
         return logits.argmax(dim=-1)
     scores = logits / params.temperature if params.temperature != 1.0 else logits
     probs = filter_logits(scores, params.top_k, params.top_p).softmax(dim=-1)
-    # argmax(p / E) with E ~ Exp(1) is a draw from p; the clamp keeps E = 0 from making 0/0
-    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
-    return (probs / race).argmax(dim=-1)
+    # inverse-CDF draw, one uniform per row; in float64 u * total < total, so the token found has p > 0
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.LongTensor) -> torch.Tensor:
@@ -145,6 +147,11 @@ def _rope_tables(config, length: int, device, dtype) -> tuple[torch.Tensor, torc
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _add_linear(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x + a @ weight.T (+ bias): the residual add fused into the matmul."""
+    return torch.addmm(x, a, weight.t()) if bias is None else x + F.linear(a, weight, bias)
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -204,48 +211,62 @@ class _Weights:
                 self.o_bias[i].copy_(att.o_proj.bias)
 
 
-class _Graphs:
-    """CUDA graphs of the decode step, one per (batch rows, attended keys), sharing static inputs."""
+class _StepRunner:
+    """Runs the decode step on fixed input buffers: on CUDA one captured graph per (rows, blocks).
+
+    The graphs share the static inputs (the first ``n`` rows of each buffer) and one memory pool. On
+    CPU the same buffers feed a plain call, so this plumbing is tested without a GPU.
+    """
 
     def __init__(self, engine: RolloutEngine, rows: int):
         dev = engine.device
         self.engine = engine
         self.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
         self.positions = torch.zeros(rows, dtype=torch.long, device=dev)
-        self.write = torch.zeros(1, dtype=torch.long, device=dev)
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.write = torch.zeros((), dtype=torch.long, device=dev)
+        self.pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
+        self.steps: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
 
-    def run(self, tokens, positions, write: int, keys: int) -> torch.Tensor:
+    def __call__(self, tokens, positions, write: int, blocks: int) -> torch.Tensor:
         n = tokens.shape[0]
         self.tokens[:n].copy_(tokens)
         self.positions[:n].copy_(positions)
         self.write.fill_(write)
-        if (n, keys) not in self.graphs:
-            self.graphs[(n, keys)] = self._capture(n, keys)
-        graph, logits = self.graphs[(n, keys)]
-        graph.replay()
-        return logits
+        if (n, blocks) not in self.steps:
+            self.steps[(n, blocks)] = self._build(n, blocks)
+        return self.steps[(n, blocks)]()
 
-    def _capture(self, n: int, keys: int):
-        args = (self.tokens[:n], self.positions[:n], self.write, keys)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph, as capture requires
-            self.engine._step(*args)
-        torch.cuda.current_stream().wait_stream(stream)
+    def _build(self, n: int, blocks: int) -> Callable[[], torch.Tensor]:
+        def step():
+            return self.engine._step(self.tokens[:n], self.positions[:n], self.write, blocks)
+
+        if self.pool is None:
+            return step
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up outside the graph, as capture requires
+            step()
+        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.engine._step(*args)
-        return graph, logits
+            logits = step()
+
+        def replay():
+            graph.replay()
+            return logits
+
+        return replay
 
 
 class RolloutEngine:
     """Batched sampling from an ``OlmoForCausalLM`` with our own forward and preallocated KV cache.
 
-    ``max_len`` caps prompt + response length (default: whatever each call needs). ``compile`` captures
-    the decode step in CUDA graphs on CUDA. ``dtype`` defaults to bf16 on CUDA and the model's dtype
-    elsewhere. Call ``refresh`` after the optimizer has changed the model.
+    The cache is ``[layers, 2, blocks, rows, kv_heads, _BLOCK, head_dim]``: positions come in blocks of
+    ``_BLOCK``, so attention over the filled blocks reads one contiguous region (on CPU a strided
+    ``[rows, heads, :t]`` slice of a longer buffer reads 3x slower). ``max_len`` caps prompt + response
+    length (default: whatever each call needs). ``compile`` runs the decode step on fixed buffers,
+    captured as CUDA graphs on CUDA. ``dtype`` defaults to bf16 on CUDA and the model's dtype elsewhere.
+    Call ``refresh`` after the optimizer has changed the model.
     """
 
     def __init__(
@@ -269,9 +290,9 @@ class RolloutEngine:
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, _head_dim(cfg)
         self.compile = compile
         self.weights = _Weights(model, self.dtype)
-        self.cache: torch.Tensor | None = None  # [layers, 2, rows, kv_heads, length, head_dim]
-        self.key_valid: torch.Tensor | None = None  # [rows, length]: which cache slots hold real tokens
-        self.graphs: _Graphs | None = None
+        self.cache: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None  # [blocks, rows, _BLOCK]: 0 for real tokens, -inf elsewhere
+        self.runner: _StepRunner | None = None
 
     def refresh(self) -> None:
         """Copy the model's current weights into the engine (in place, so CUDA graphs stay valid)."""
@@ -303,11 +324,12 @@ class RolloutEngine:
         t_max = params.max_new_tokens
         self._reserve(b, p + t_max)
         lengths = mask.sum(dim=1)
+        # one spare output row (index b) takes the writes of padding slots after a compaction
         out_ids = torch.full((b + 1, t_max), self.pad_id, dtype=torch.long, device=self.device)
-        out_lp = torch.zeros(b + 1, t_max, dtype=torch.float, device=self.device)  # row b: padding slots
+        out_lp = torch.zeros(b + 1, t_max, dtype=torch.float, device=self.device)
+        n_out = torch.zeros(b + 1, dtype=torch.long, device=self.device)
         done = torch.zeros(b + 1, dtype=torch.bool, device=self.device)
         done[b] = True
-        n_out = torch.zeros(b + 1, dtype=torch.long, device=self.device)
 
         rows = torch.arange(b, device=self.device)  # output row of each cache slot
         logits = self._prefill(ids, mask)
@@ -327,132 +349,141 @@ class RolloutEngine:
                 if n_live == 0:
                     break
                 if n_live <= rows.shape[0] // 2:
-                    rows, tokens = self._compact(rows, done, tokens, n_live, p + t + 1)
+                    rows, tokens = self._compact(rows, done, tokens, n_live, _blocks(p + t + 1))
             logits = self._decode(tokens, lengths[rows.clamp(max=b - 1)] + t, p + t)
 
         t_used = int(n_out.max())
-        response_mask = torch.arange(t_used, device=self.device) < n_out[:b, None]
         return RolloutBatch(
             prompt_ids=ids,
             prompt_mask=mask,
             response_ids=out_ids[:b, :t_used],
-            response_mask=response_mask,
+            response_mask=torch.arange(t_used, device=self.device) < n_out[:b, None],
             logprobs=out_lp[:b, :t_used],
             truncated=~done[:b],
         )
 
-    def _compact(self, rows, done, tokens, n_live: int, filled: int):
-        """Move the running rows to the front of the cache; graph mode pads to a power of two."""
+    def _compact(self, rows, done, tokens, n_live: int, blocks: int):
+        """Move the running rows to the front of the cache; with graphs, pad to a power of two rows."""
         keep = (~done[rows]).nonzero()[:, 0]
-        n = 1 << (n_live - 1).bit_length() if self._graphed() else n_live
-        sentinel = done.shape[0] - 1  # slots past the running rows write to the spare output row
-        new_rows = torch.full((n,), sentinel, dtype=torch.long, device=self.device)
+        n = 1 << (n_live - 1).bit_length() if self.runner is not None else n_live
+        spare = done.shape[0] - 1
+        new_rows = torch.full((n,), spare, dtype=torch.long, device=self.device)
         new_rows[:n_live] = rows[keep]
         new_tokens = torch.full((n,), self.pad_id, dtype=torch.long, device=self.device)
         new_tokens[:n_live] = tokens[keep]
-        self.cache[:, :, :n_live, :, :filled] = self.cache[:, :, keep, :, :filled]
-        self.key_valid[:n_live, :filled] = self.key_valid[keep, :filled]
+        self.cache[:, :, :blocks, :n_live] = self.cache[:, :, :blocks, keep]
+        self.bias[:blocks, :n_live] = self.bias[:blocks, keep]
         return new_rows, new_tokens
-
-    def _graphed(self) -> bool:
-        return self.compile and self.device.type == "cuda"
 
     def _reserve(self, rows: int, length: int) -> None:
         """Make sure the cache holds ``rows`` sequences of ``length`` tokens."""
         if self.max_len is not None and length > self.max_len:
             raise ValueError(f"prompt + max_new_tokens = {length} exceeds the engine's max_len {self.max_len}")
-        if self.cache is not None and self.cache.shape[2] >= rows and self.cache.shape[4] >= length:
+        blocks = _blocks(max(length, self.max_len or 0))
+        if self.cache is not None and self.cache.shape[3] >= rows and self.cache.shape[2] >= blocks:
             return
-        length = -(-max(length, self.max_len or 0) // _KEY_BLOCK) * _KEY_BLOCK
-        shape = (self.config.num_hidden_layers, 2, rows, self.kv_heads, length, self.head_dim)
-        self.cache = self.graphs = None  # free the old buffers first
-        self.cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.key_valid = torch.zeros(rows, length, dtype=torch.bool, device=self.device)
-        self.cos, self.sin = _rope_tables(self.config, length, self.device, self.dtype)
-        if self._graphed():
-            self.graphs = _Graphs(self, rows)
+        cfg, kw = self.config, {"device": self.device}
+        self.cache = self.runner = None  # free the old buffers first
+        shape = (cfg.num_hidden_layers, 2, blocks, rows, self.kv_heads, _BLOCK, self.head_dim)
+        self.cache = torch.zeros(shape, dtype=self.dtype, **kw)  # zeros: masked slots must be finite
+        self.bias = torch.full((blocks, rows, _BLOCK), -math.inf, **kw)
+        self.cos, self.sin = _rope_tables(cfg, blocks * _BLOCK, self.device, self.dtype)
+        # flat row of (block 0, row r, kv head h, offset 0) in a [-1, head_dim] view of one layer's keys
+        self.kv_rows = (torch.arange(rows * self.kv_heads, **kw) * _BLOCK).view(rows, self.kv_heads)
+        self.runner = _StepRunner(self, rows) if self.compile else None
 
     # ------------------------------------------------------------------------------------ forward
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the prompts, fill the cache, return fp32 logits at the last position [b, vocab]."""
         b, p = ids.shape
+        blocks = _blocks(p)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        self.key_valid[:b].zero_()
-        self.key_valid[:b, :p] = mask
+        self.bias[:, :b] = -math.inf
+        self.bias[:blocks, :b] = _to_blocks(torch.where(mask, 0.0, -math.inf), blocks, -math.inf)
         causal = torch.ones(p, p, dtype=torch.bool, device=self.device).tril()
         # a padding query sees only itself, so no row of the softmax is empty
-        attn_mask = (causal & mask[:, None, :]) | torch.eye(p, dtype=torch.bool, device=self.device)
-        cache = self.cache[:, :, :b, :, :p]
+        attn_mask = ((causal & mask[:, None, :]) | torch.eye(p, dtype=torch.bool, device=self.device))[:, None]
 
-        def attend(layer, q, k, v):
-            cache[layer, 0].copy_(k)
-            cache[layer, 1].copy_(v)
-            return self._attention(q, k, v, attn_mask[:, None])
+        def attend(layer, q, k, v):  # [b, p, heads, head_dim]
+            self.cache[layer, 0, :blocks, :b] = _to_blocks(k, blocks, 0.0).transpose(2, 3)
+            self.cache[layer, 1, :blocks, :b] = _to_blocks(v, blocks, 0.0).transpose(2, 3)
+            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.heads != self.kv_heads)
+            return out.transpose(1, 2)
 
         x = self._forward(ids, positions, attend)
-        return self._logits(x[:, -1])
+        return self._logits(x.view(b, p, -1)[:, -1])
 
     def _decode(self, tokens, positions, write: int) -> torch.Tensor:
-        keys = -(-(write + 1) // _KEY_BLOCK) * _KEY_BLOCK  # the cache length is a multiple of the block
-        if self.graphs is not None:
-            return self.graphs.run(tokens, positions, write, keys)
-        if self.compile:  # the graphed step, run eagerly (CPU): fixed shapes, write index as a tensor
-            return self._step(tokens, positions, torch.tensor([write], device=self.device), keys)
-        return self._step(tokens, positions, write, write + 1)
+        blocks = _blocks(write + 1)
+        if self.runner is not None:
+            return self.runner(tokens, positions, write, blocks)
+        return self._step(tokens, positions, torch.tensor(write, device=self.device), blocks)
 
-    def _step(self, tokens, positions, write, keys: int) -> torch.Tensor:
-        """One decode step: cache slot ``write`` (int or 1-element tensor) gets the new keys/values, and
-        attention reads the first ``keys`` slots."""
+    def _step(self, tokens, positions, write: torch.Tensor, blocks: int) -> torch.Tensor:
+        """One decode step: cache position ``write`` (a 0-dim tensor, so graphs can replay it) gets the new
+        keys and values, and attention reads the first ``blocks`` blocks."""
         n = tokens.shape[0]
-        cache = self.cache[:, :, :n]
-        valid = self.key_valid[:n]
-        if isinstance(write, int):
-            valid[:, write] = True
-        else:
-            valid.index_fill_(1, write, True)
-        key_mask = valid[:, None, None, :keys]
+        rows = self.cache.shape[3]
+        block, offset = write // _BLOCK, write % _BLOCK
+        kv_slots = (self.kv_rows[:n] + block * rows * self.kv_heads * _BLOCK + offset).view(-1)
+        self.bias.view(-1).index_fill_(0, (block * rows + torch.arange(n, device=self.device)) * _BLOCK + offset, 0.0)
+        bias = self.bias[:blocks, :n, None, None, :]  # [blocks, n, 1, 1, _BLOCK]
 
-        def attend(layer, q, k, v):
-            if isinstance(write, int):
-                cache[layer, 0, :, :, write] = k[:, :, 0]
-                cache[layer, 1, :, :, write] = v[:, :, 0]
-            else:
-                cache[layer, 0].index_copy_(2, write, k)
-                cache[layer, 1].index_copy_(2, write, v)
-            return self._attention(q, cache[layer, 0, :, :, :keys], cache[layer, 1, :, :, :keys], key_mask)
+        def attend(layer, q, k, v):  # [n, 1, heads, head_dim]
+            keys, values = self.cache[layer, 0], self.cache[layer, 1]
+            keys.view(-1, self.head_dim).index_copy_(0, kv_slots, k.reshape(-1, self.head_dim))
+            values.view(-1, self.head_dim).index_copy_(0, kv_slots, v.reshape(-1, self.head_dim))
+            return self._attend_blocks(q, keys[:blocks, :n], values[:blocks, :n], bias)
 
-        x = self._forward(tokens[:, None], positions[:, None], attend)
-        return self._logits(x[:, 0])
+        return self._logits(self._forward(tokens[:, None], positions[:, None], attend))
+
+    def _attend_blocks(self, q, keys, values, bias) -> torch.Tensor:
+        """Attention of one query per row over blocked keys/values [blocks, n, kv_heads, _BLOCK, head_dim]."""
+        n = q.shape[0]
+        q = q.view(n, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # grouped by kv head
+        scores = torch.add(bias, torch.matmul(q, keys.transpose(-1, -2)).float(), alpha=self.head_dim**-0.5)
+        weights = (scores - scores.amax(dim=(0, 4), keepdim=True)).exp_()  # softmax over blocks x offsets
+        out = torch.matmul(weights.to(values.dtype), values).float().sum(dim=0)
+        out = out / weights.sum(dim=(0, 4))[..., None]
+        return out.to(q.dtype).view(n, 1, self.heads, self.head_dim)
 
     def _forward(self, ids, positions, attend) -> torch.Tensor:
-        """The decoder stack over ids [n, s]; ``attend(layer, q, k, v)`` stores k/v and returns attention."""
+        """The decoder stack over ids [n, s] -> hidden states [n * s, d]. ``attend(layer, q, k, v)`` (each
+        [n, s, heads, head_dim]) stores k/v and returns the attention output [n, s, heads, head_dim]."""
         w = self.weights
         n, s = ids.shape
         h, hk, hd = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [n, s, 1, hd]
         clip = self.config.clip_qkv
-        x = F.embedding(ids, w.embed)
+        x = F.embedding(ids.view(-1), w.embed)
         for i in range(self.config.num_hidden_layers):
             qkv = F.linear(_layer_norm(x), w.qkv[i], None if w.qkv_bias is None else w.qkv_bias[i])
             if clip is not None:
                 qkv = qkv.clamp(-clip, clip)
             qkv = qkv.view(n, s, h + 2 * hk, hd)
             qk = qkv[:, :, : h + hk]
-            qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
-            q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)
-            v = qkv[:, :, h + hk :].transpose(1, 2)
-            a = attend(i, q, k, v).transpose(1, 2).reshape(n, s, h * hd)
-            x = x + F.linear(a, w.o[i], None if w.o_bias is None else w.o_bias[i])
+            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)  # RoPE on queries and keys at once
+            a = attend(i, qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + hk :]).reshape(n * s, h * hd)
+            x = _add_linear(x, a, w.o[i], None if w.o_bias is None else w.o_bias[i])
             gate, up = F.linear(_layer_norm(x), w.gate_up[i]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.down[i])
+            x = _add_linear(x, F.silu(gate) * up, w.down[i], None)
         return x
-
-    def _attention(self, q, k, v, mask) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_layer_norm(x), self.weights.lm_head).float()
+
+
+def _blocks(length: int) -> int:
+    return -(-length // _BLOCK)
+
+
+def _to_blocks(x: torch.Tensor, blocks: int, fill: float) -> torch.Tensor:
+    """[n, p, ...] -> [blocks, n, _BLOCK, ...], positions from p on set to ``fill``."""
+    n, p = x.shape[:2]
+    pad = (0, 0) * (x.dim() - 2) + (0, blocks * _BLOCK - p)
+    return F.pad(x, pad, value=fill).view(n, blocks, _BLOCK, *x.shape[2:]).transpose(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- references

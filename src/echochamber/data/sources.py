@@ -32,12 +32,15 @@ def synthetic_splits(name: str, spec: dict) -> dict[str, list[dict]]:
 
 
 def build(name: str, spec: dict, outputs: dict[str, str]) -> dict[str, int]:
-    """Write each split to its output path atomically; return rows per split."""
-    if spec["kind"] == "synthetic":
-        splits = synthetic_splits(name, spec)
-    else:
+    """Write each split to its output path atomically; return rows per split.
+
+    Hub sources are streamed to disk in batches (a corpus need not fit in memory); a hub failure
+    raises ``hub.HubError`` naming the dataset and how to point the config at a local copy.
+    """
+    if spec["kind"] == "hub":
         from echochamber.data import hub
-        splits = hub.load_splits(name, spec)
+        return hub.write_splits(name, spec, outputs)
+    splits = synthetic_splits(name, spec)
     for split, path in outputs.items():
         with atomic_path(path) as tmp:
             synthetic.write_parquet(splits[split], tmp)

@@ -1,6 +1,8 @@
 """Tokenizers: a byte-level BPE trained on the mixture text (mini-study) or a pretrained one (paper).
 
-Digits are split one per token, as the Llama-2 tokenizer of the paper does. Every tokenizer is saved
+Digits are split one per token, as the Llama-2 tokenizer of the paper does, and every newline is a
+token of its own, so a prompt ending in the blank line tokenizes exactly as the start of a training
+document does (a merged "\n\n" at the end of a prompt would be a token the model never saw there). Every tokenizer is saved
 as a ``transformers`` folder with an EOS and a pad token, so checkpoints load it with AutoTokenizer.
 """
 
@@ -18,6 +20,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
@@ -61,3 +64,21 @@ def documents(parquet_files: Iterable[str | Path]) -> Iterator[str]:
         table = pq.read_table(f, columns=["question", "solution"])
         for q, s in zip(table["question"].to_pylist(), table["solution"].to_pylist()):
             yield document(q, s)
+
+
+def encode_prompt(tokenizer, question: str) -> list[int]:
+    """Token ids of ``formats.prompt(question)`` exactly as they appear inside a training document.
+
+    A byte-level BPE merges the trailing blank line into one token when it ends the text, but splits it
+    when a solution follows (as in pretraining); so the prompt is encoded with a following letter and
+    cut at the prompt's last character.
+    """
+    from echochamber.formats import prompt
+
+    text = prompt(question)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text + "A", add_special_tokens=False, return_offsets_mapping=True)
+        ids = [i for i, (_, end) in zip(enc["input_ids"], enc["offset_mapping"]) if end <= len(text)]
+        if ids and tokenizer.decode(ids) == text:
+            return ids
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,68 @@
+# Pretraining stage: each mixture packed into token shards, then one model per (mixture, scale, seed),
+# trained by `accelerate launch` with the process count from the rule's resources (pretrain.processes).
+import json
+import shlex
+
+from echochamber import pretrain as ec_pretrain
+
+try:
+    ec_pretrain.check_config(config)
+except ec_config.ConfigError as e:
+    sys.exit(f"Config error: {e}")
+
+PRETRAIN_CELL = f"{R}/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}"
+
+
+def pretrain_outputs():
+    """Every pretrain cell's checkpoint folder and loss curve (for rule all)."""
+    cells = ec_grid.pretrain_cells(config)
+    return ([f"{R}/pretrain/{c.id}/model" for c in cells]
+            + [f"{R}/pretrain/{c.id}/curve.parquet" for c in cells])
+
+
+rule mixture:
+    output:
+        f"{R}/mixtures/mixture={{mixture}}/manifest.json",
+    input:
+        SRC / "data" / "mixture.py",
+        SRC / "formats.py",
+        tokenizer=f"{R}/tokenizer/tokenizer_config.json",
+        train=lambda w: [f"{R}/data/source={s}/train.parquet" for s in config["mixtures"][w.mixture]],
+    params:
+        weights=lambda w: config["mixtures"][w.mixture],
+        sources=lambda w: list(config["mixtures"][w.mixture]),
+        seed=config["seed"],
+    log:
+        f"{R}/logs/mixtures/mixture={{mixture}}.log",
+    benchmark:
+        f"{R}/benchmarks/mixtures/mixture={{mixture}}.tsv"
+    script:
+        "../workflow_scripts/make_mixture.py"
+
+
+rule pretrain:
+    output:
+        model=directory(f"{PRETRAIN_CELL}/model"),
+        curve=f"{PRETRAIN_CELL}/curve.parquet",
+    input:
+        SRC / "pretrain.py",
+        SRC / "models.py",
+        SRC / "data" / "mixture.py",
+        mixture=f"{R}/mixtures/mixture={{mixture}}/manifest.json",
+        tokenizer=f"{R}/tokenizer/tokenizer_config.json",
+    params:
+        settings=lambda w: shlex.quote(json.dumps(ec_pretrain.settings(config, w.scale, int(w.seed)),
+                                                  sort_keys=True)),
+        launch=lambda w, resources: ec_pretrain.launch_args(resources.processes),
+        cell=lambda w, output: str(Path(output.curve).parent),
+    threads: ec_pretrain.threads(config)
+    resources:
+        processes=ec_pretrain.processes(config),
+    log:
+        f"{R}/logs/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}.log",
+    benchmark:
+        f"{R}/benchmarks/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}.tsv"
+    shell:
+        "{PY} -m accelerate.commands.launch {params.launch} {workflow.basedir}/workflow_scripts/pretrain.py"
+        " --settings {params.settings} --mixture $(dirname {input.mixture})"
+        " --tokenizer $(dirname {input.tokenizer}) --out {params.cell} --threads {threads} > {log} 2>&1"

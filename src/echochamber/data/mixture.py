@@ -1,0 +1,280 @@
+"""Data mixtures: sources with weights -> packed, memory-mapped token shards and a manifest.
+
+A mixture names sources with weights, as in the paper's ``as_fm3_tg_4xomi1``: the integer part of a
+weight repeats the whole source, the fractional part adds a seeded random subset of its documents
+(2.5 = two full copies plus half the documents). Each document is tokenized as question + blank line +
+solution followed by EOS, with no BOS (:func:`echochamber.formats.document`).
+
+On disk (``results/mixtures/mixture=M/``)::
+
+    manifest.json            tokens and documents per source, the tokenizer, and the segment list
+    tg.full.000.bin          a source's documents, packed back to back (raw uint16/uint32, memmapped)
+    omi1.part.000.bin        the seeded fractional subset of a source, when its weight has one
+
+Repeats are not copied on disk: the manifest lists a source's full shards once per copy, and
+:class:`TokenStream` reads the segments as one long token stream that training cuts into sequences.
+Tokenization streams the parquet files in record batches, so a source larger than memory is fine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from echochamber.io import atomic_path
+
+MANIFEST = "manifest.json"
+SHARD_TOKENS = 1 << 30          # tokens per shard file before a new one is started
+BATCH_ROWS = 4096               # parquet rows tokenized at a time
+
+
+class MixtureError(ValueError):
+    """A user mistake around a mixture (missing source file, unreadable manifest); one sentence."""
+
+
+@dataclass(frozen=True)
+class Share:
+    """How a weight is realised: ``copies`` whole passes plus a ``fraction`` of the documents."""
+    copies: int
+    fraction: float
+
+    @classmethod
+    def of(cls, weight: float) -> "Share":
+        if not weight > 0 or not math.isfinite(weight):
+            raise ValueError(f"a mixture weight must be a positive number, not {weight!r}")
+        copies = int(math.floor(weight + 1e-9))
+        fraction = float(weight) - copies
+        return cls(copies, 0.0 if fraction < 1e-9 else fraction)
+
+
+def subset_mask(n_docs: int, fraction: float, seed: int, source: str) -> np.ndarray:
+    """A seeded choice of ``round(fraction * n_docs)`` documents (boolean mask, same for the same inputs)."""
+    mask = np.zeros(n_docs, dtype=bool)
+    k = int(round(fraction * n_docs))
+    if k:
+        rng = np.random.default_rng([seed, zlib.crc32(source.encode())])
+        mask[rng.choice(n_docs, size=k, replace=False)] = True
+    return mask
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def tokenizer_info(tokenizer, path: str | os.PathLike | None = None) -> dict:
+    """What the manifest records about the tokenizer: enough to tell two tokenizers apart."""
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+    return {"path": str(path) if path is not None else None, "name": getattr(tokenizer, "name_or_path", None),
+            "vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id, "vocab_sha256": digest}
+
+
+class _ShardWriter:
+    """Append token arrays to ``{prefix}.{i:03d}.bin`` files, starting a new file every ``shard_tokens``."""
+
+    def __init__(self, folder: Path, prefix: str, dtype, shard_tokens: int):
+        self.folder, self.prefix, self.dtype, self.shard_tokens = folder, prefix, dtype, shard_tokens
+        self.files: list[tuple[str, int]] = []          # (file name, tokens)
+        self._fh = None
+        self._in_file = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        if self._fh is None or self._in_file >= self.shard_tokens:
+            self._open()
+        tokens.astype(self.dtype, copy=False).tofile(self._fh)
+        self._in_file += len(tokens)
+        self.files[-1] = (self.files[-1][0], self._in_file)
+
+    def _open(self) -> None:
+        self.close()
+        name = f"{self.prefix}.{len(self.files):03d}.bin"
+        self._fh = open(self.folder / name, "wb")
+        self._in_file = 0
+        self.files.append((name, 0))
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, n in self.files)
+
+
+def _documents(parquet: Path, batch_rows: int):
+    """Yield lists of document texts from one source file, a record batch at a time."""
+    import pyarrow.parquet as pq
+
+    from echochamber.formats import document
+
+    pf = pq.ParquetFile(parquet)
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["question", "solution"]):
+        qs, ss = batch.column("question").to_pylist(), batch.column("solution").to_pylist()
+        yield [document(q or "", s or "") for q, s in zip(qs, ss)]
+
+
+def _n_rows(parquet: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(parquet).metadata.num_rows
+    except Exception as e:  # noqa: BLE001 - an unreadable file is a user-facing data problem
+        raise MixtureError(f"source file {parquet} is not a readable parquet file ({type(e).__name__})") from None
+
+
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each document followed by EOS; no BOS or other special tokens."""
+    eos = tokenizer.eos_token_id
+    return [ids + [eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _flat(docs: list[list[int]]) -> np.ndarray:
+    return np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64, count=sum(map(len, docs)))
+
+
+def build(name: str, weights: dict[str, float], source_files: dict[str, str | os.PathLike], tokenizer,
+          out_dir: str | os.PathLike, *, seed: int, tokenizer_path: str | os.PathLike | None = None,
+          shard_tokens: int = SHARD_TOKENS, batch_rows: int = BATCH_ROWS, log=None) -> dict:
+    """Tokenize and pack one mixture into ``out_dir`` (written atomically); return its manifest.
+
+    ``source_files`` maps each source of ``weights`` to its train parquet (schema of
+    ``echochamber.data.synthetic.SCHEMA``: at least ``question`` and ``solution``).
+    """
+    out_dir = Path(out_dir)
+    files = {}
+    for src in weights:
+        if src not in source_files:
+            raise MixtureError(f"mixture {name}: no data file given for source {src!r}")
+        path = Path(source_files[src])
+        if not path.is_file():
+            raise MixtureError(f"mixture {name}: the data file of source {src!r}, {path}, does not exist; "
+                               f"build it first (rule source) or fix data.sources.{src}")
+        files[src] = path
+    dtype = token_dtype(len(tokenizer))
+    vocab = len(tokenizer)
+    counts_total = np.zeros(vocab, dtype=np.int64)
+    sources, segments = {}, []
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        for src, weight in weights.items():
+            share = Share.of(float(weight))
+            n_docs = _n_rows(files[src])
+            mask = subset_mask(n_docs, share.fraction, seed, src) if share.fraction else None
+            full = _ShardWriter(tmp, f"{src}.full", dtype, shard_tokens) if share.copies else None
+            part = _ShardWriter(tmp, f"{src}.part", dtype, shard_tokens) if mask is not None else None
+            counts_full, counts_part = np.zeros(vocab, np.int64), np.zeros(vocab, np.int64)
+            i = 0
+            for texts in _documents(files[src], batch_rows):
+                ids = encode(tokenizer, texts)
+                flat = _flat(ids)
+                counts_full += np.bincount(flat, minlength=vocab)
+                if full is not None:
+                    full.write(flat)
+                if part is not None:
+                    keep = mask[i:i + len(ids)]
+                    flat = _flat([d for d, k in zip(ids, keep) if k])
+                    if len(flat):
+                        part.write(flat)
+                        counts_part += np.bincount(flat, minlength=vocab)
+                i += len(ids)
+            for w in (full, part):
+                if w is not None:
+                    w.close()
+            part_docs = int(mask.sum()) if mask is not None else 0
+            entry = {
+                "file": str(files[src]), "weight": float(weight), "copies": share.copies,
+                "fraction": share.fraction, "source_documents": n_docs, "source_tokens": int(counts_full.sum()),
+                "documents": share.copies * n_docs + part_docs,
+                "tokens": share.copies * int(counts_full.sum()) + int(counts_part.sum()),
+            }
+            sources[src] = entry
+            counts_total += share.copies * counts_full + counts_part
+            for _ in range(share.copies):
+                segments += [{"source": src, "file": f, "tokens": n} for f, n in full.files]
+            if part is not None:
+                segments += [{"source": src, "file": f, "tokens": n} for f, n in part.files]
+            if log:
+                log.info("mixture %s: source %s x%s -> %d documents, %d tokens", name, src, weight,
+                         entry["documents"], entry["tokens"])
+        manifest = {
+            "mixture": name, "weights": {k: float(v) for k, v in weights.items()}, "seed": seed,
+            "tokenizer": tokenizer_info(tokenizer, tokenizer_path), "dtype": np.dtype(dtype).name,
+            "documents": sum(s["documents"] for s in sources.values()),
+            "tokens": int(counts_total.sum()),
+            "unigram_entropy": unigram_entropy(counts_total),
+            "sources": sources, "segments": segments,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def unigram_entropy(counts: np.ndarray) -> float:
+    """Entropy in nats per token of the token frequencies (the loss of the best context-free model)."""
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise MixtureError(f"mixture folder {Path(folder)} has no {MANIFEST}; build the mixture first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MixtureError(f"mixture manifest {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+class TokenStream:
+    """A mixture's segments read as one token stream, cut into fixed-length sequences (memory-mapped)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        dtype = np.dtype(self.manifest["dtype"])
+        self._maps: dict[str, np.ndarray] = {}
+        self._segments = []
+        for seg in self.manifest["segments"]:
+            f = seg["file"]
+            if f not in self._maps:
+                path = self.folder / f
+                expected = seg["tokens"] * dtype.itemsize
+                if not path.is_file() or path.stat().st_size != expected:
+                    raise MixtureError(f"mixture shard {path} is missing or truncated "
+                                       f"(expected {expected} bytes); rebuild the mixture")
+                self._maps[f] = np.memmap(path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype)
+            self._segments.append(self._maps[f])
+        lengths = np.array([len(s) for s in self._segments], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(lengths)])
+        self.n_tokens = int(self._starts[-1])
+
+    def n_sequences(self, seq_len: int) -> int:
+        return self.n_tokens // seq_len
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` of the stream, across segment boundaries."""
+        out = np.empty(length, dtype=np.int64)
+        pos, filled = start, 0
+        seg = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while filled < length:
+            s = self._segments[seg]
+            offset = pos - self._starts[seg]
+            take = min(length - filled, len(s) - offset)
+            out[filled:filled + take] = s[offset:offset + take]
+            filled += take
+            pos += take
+            seg += 1
+        return out
+
+    def sequences(self, indices, seq_len: int) -> np.ndarray:
+        """The sequences with these indices, as an int64 array of shape (len(indices), seq_len)."""
+        return np.stack([self.read(int(i) * seq_len, seq_len) for i in indices]) if len(indices) else \
+            np.zeros((0, seq_len), dtype=np.int64)

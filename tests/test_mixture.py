@@ -1,0 +1,145 @@
+"""Mixtures: weights -> copies and seeded fractions, documents + EOS packed into memmapped shards."""
+
+import json
+
+import numpy as np
+import pytest
+
+from echochamber.data import mixture as M
+from echochamber.data import synthetic
+from echochamber.data import tokenizer as ec_tokenizer
+from echochamber.formats import document
+
+N = {"tg": 40, "omi2": 30}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixture")
+    files, rows = {}, {}
+    for src, render in (("tg", "tinygsm"), ("omi2", "omi2")):
+        rows[src] = synthetic.generate(src, render, "train", N[src], seed=0, difficulty=synthetic.Difficulty())
+        files[src] = root / f"{src}.parquet"
+        synthetic.write_parquet(rows[src], files[src])
+    tok = ec_tokenizer.train_bpe(ec_tokenizer.documents(files.values()), 300)
+    return root, files, rows, tok
+
+
+def _docs(rows):
+    return [document(r["question"], r["solution"]) for r in rows]
+
+
+def _split_docs(tokens: np.ndarray, eos: int) -> list[list[int]]:
+    ends = np.flatnonzero(tokens == eos)
+    assert len(ends) and ends[-1] == len(tokens) - 1, "the stream must end with EOS"
+    return [tokens[a + 1:b].tolist() for a, b in zip(np.concatenate([[-1], ends[:-1]]), ends)]
+
+
+@pytest.mark.parametrize("weight,copies,fraction", [(1, 1, 0.0), (4, 4, 0.0), (2.5, 2, 0.5), (0.25, 0, 0.25)])
+def test_a_weight_is_whole_copies_plus_a_fraction(weight, copies, fraction):
+    share = M.Share.of(weight)
+    assert (share.copies, share.fraction) == (copies, pytest.approx(fraction))
+
+
+@pytest.mark.parametrize("weight", [0, -1, float("nan"), float("inf")])
+def test_a_weight_must_be_positive_and_finite(weight):
+    with pytest.raises(ValueError, match="positive"):
+        M.Share.of(weight)
+
+
+def test_fractions_pick_a_seeded_subset():
+    a = M.subset_mask(1000, 0.3, seed=0, source="tg")
+    assert a.sum() == 300 and np.array_equal(a, M.subset_mask(1000, 0.3, seed=0, source="tg"))
+    assert not np.array_equal(a, M.subset_mask(1000, 0.3, seed=1, source="tg"))
+    assert not np.array_equal(a, M.subset_mask(1000, 0.3, seed=0, source="omi2"))
+
+
+def test_token_dtype_fits_the_vocabulary():
+    assert M.token_dtype(32000) == np.uint16 and M.token_dtype(65536) == np.uint16
+    assert M.token_dtype(65537) == np.uint32
+
+
+def test_mixture_packs_documents_with_eos_and_no_bos_and_repeats_by_weight(world, tmp_path):
+    root, files, rows, tok = world
+    out = tmp_path / "mixture=m"
+    man = M.build("m", {"tg": 2.5, "omi2": 1}, files, tok, out, seed=0, tokenizer_path=root / "tok")
+    assert json.loads((out / M.MANIFEST).read_text()) == man
+    eos = tok.eos_token_id
+    tg = man["sources"]["tg"]
+    assert (tg["copies"], tg["fraction"], tg["source_documents"]) == (2, 0.5, N["tg"])
+    assert tg["documents"] == 2 * N["tg"] + N["tg"] // 2
+    assert man["sources"]["omi2"]["documents"] == N["omi2"]
+    assert man["documents"] == tg["documents"] + N["omi2"]
+    assert man["tokenizer"]["vocab_size"] == len(tok) and man["tokenizer"]["eos_id"] == eos
+    assert man["tokenizer"]["path"] == str(root / "tok") and man["dtype"] == "uint16"
+
+    stream = M.TokenStream(out)
+    tokens = stream.read(0, stream.n_tokens)
+    assert stream.n_tokens == man["tokens"] == sum(s["tokens"] for s in man["sources"].values())
+    got = _split_docs(tokens, eos)
+    expected_ids = [tok(d, add_special_tokens=False)["input_ids"] for d in _docs(rows["tg"])]
+    assert got[:N["tg"]] == expected_ids and got[N["tg"]:2 * N["tg"]] == expected_ids    # two whole copies
+    half = got[2 * N["tg"]:tg["documents"]]
+    assert len(half) == N["tg"] // 2 and all(d in expected_ids for d in half)              # a subset of tg
+    assert [tok.decode(d) for d in got[tg["documents"]:]] == _docs(rows["omi2"])
+    assert all(d and d[0] != eos for d in got)                                              # no BOS
+    # The repeats are read twice from one file, not stored twice.
+    files_on_disk = sorted(p.name for p in out.glob("*.bin"))
+    assert files_on_disk == ["omi2.full.000.bin", "tg.full.000.bin", "tg.part.000.bin"]
+    assert [s["file"] for s in man["segments"]].count("tg.full.000.bin") == 2
+    counts = np.bincount(tokens, minlength=len(tok))
+    assert man["unigram_entropy"] == pytest.approx(M.unigram_entropy(counts))
+
+
+def test_mixture_is_deterministic_and_the_seed_moves_the_fraction(world, tmp_path):
+    root, files, _, tok = world
+    weights = {"tg": 0.5, "omi2": 1}
+    a = M.build("m", weights, files, tok, tmp_path / "a", seed=0)
+    b = M.build("m", weights, files, tok, tmp_path / "b", seed=0, batch_rows=7)       # other batching
+    c = M.build("m", weights, files, tok, tmp_path / "c", seed=1)
+    read = lambda d: M.TokenStream(d).read(0, M.TokenStream(d).n_tokens)             # noqa: E731
+    assert np.array_equal(read(tmp_path / "a"), read(tmp_path / "b"))
+    assert a["sources"] == b["sources"]
+    assert not np.array_equal(read(tmp_path / "a"), read(tmp_path / "c"))
+    assert a["sources"]["tg"]["documents"] == c["sources"]["tg"]["documents"] == N["tg"] // 2
+
+
+def test_small_shards_read_as_the_same_stream(world, tmp_path):
+    root, files, _, tok = world
+    M.build("m", {"tg": 1, "omi2": 2}, files, tok, tmp_path / "one", seed=0)
+    M.build("m", {"tg": 1, "omi2": 2}, files, tok, tmp_path / "many", seed=0, shard_tokens=500, batch_rows=5)
+    one, many = M.TokenStream(tmp_path / "one"), M.TokenStream(tmp_path / "many")
+    assert len(list((tmp_path / "many").glob("tg.full.*.bin"))) > 1
+    assert one.n_tokens == many.n_tokens
+    full = one.read(0, one.n_tokens)
+    assert np.array_equal(full, many.read(0, many.n_tokens))
+    for start, length in [(0, 64), (490, 37), (many.n_tokens - 10, 10)]:           # across shard boundaries
+        assert np.array_equal(many.read(start, length), full[start:start + length])
+    seqs = many.sequences([3, 0, 7], 64)
+    assert seqs.shape == (3, 64) and seqs.dtype == np.int64
+    assert np.array_equal(seqs[0], full[3 * 64:4 * 64]) and many.n_sequences(64) == many.n_tokens // 64
+
+
+def test_missing_source_file_stops_with_one_sentence_naming_the_path(world, tmp_path):
+    root, files, _, tok = world
+    missing = tmp_path / "data" / "source=omi1" / "train.parquet"
+    with pytest.raises(M.MixtureError) as err:
+        M.build("m", {"tg": 1, "omi1": 1}, {**files, "omi1": missing}, tok, tmp_path / "out", seed=0)
+    msg = str(err.value)
+    assert str(missing) in msg and "omi1" in msg and "\n" not in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_source_and_damaged_mixture_are_reported_by_path(world, tmp_path):
+    root, files, _, tok = world
+    bad = tmp_path / "bad.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(M.MixtureError, match=str(bad)):
+        M.build("m", {"tg": 1}, {"tg": bad}, tok, tmp_path / "out", seed=0)
+    M.build("m", {"tg": 1}, files, tok, tmp_path / "ok", seed=0)
+    shard = tmp_path / "ok" / "tg.full.000.bin"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(M.MixtureError, match=str(shard)):
+        M.TokenStream(tmp_path / "ok")
+    with pytest.raises(M.MixtureError, match=str(tmp_path / "nowhere")):
+        M.TokenStream(tmp_path / "nowhere")

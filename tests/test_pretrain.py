@@ -1,0 +1,235 @@
+"""Pretraining: schedule, data order, a real tiny run, kill-and-resume, 2 processes == 1 process."""
+
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from echochamber import pretrain as P
+from echochamber.config import ConfigError
+from echochamber.data import mixture as M
+from echochamber.data import synthetic
+from echochamber.data import tokenizer as ec_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "workflow_scripts" / "pretrain.py"
+TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "mlp_hidden": 64}
+
+
+def settings(**kw) -> dict:
+    return {**P.DEFAULTS, "seq_len": 64, "batch_size": 16, "micro_batch_size": 8, "max_steps": 120,
+            "warmup_steps": 10, "lr": 1e-2, "save_every": 1000, "scale": TINY, "scale_name": "tiny", "seed": 0,
+            **kw}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Three synthetic sources, a BPE tokenizer and their mixture, as the workflow would make them."""
+    root = tmp_path_factory.mktemp("pretrain")
+    files = {}
+    for src, render in (("tg", "tinygsm"), ("omi1", "omi1"), ("omi2", "omi2")):
+        files[src] = root / f"{src}.parquet"
+        synthetic.write_parquet(synthetic.generate(src, render, "train", 300, seed=0,
+                                                   difficulty=synthetic.Difficulty()), files[src])
+    tok = ec_tokenizer.train_bpe(ec_tokenizer.documents(files.values()), 400)
+    tok.save_pretrained(root / "tokenizer")
+    manifest = M.build("tg_omi1_omi2", {"tg": 1, "omi1": 1, "omi2": 1}, files, tok, root / "mixture", seed=0)
+    return root, root / "mixture", root / "tokenizer", manifest
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+    """One uninterrupted run of the tiny config, in this process, on one CPU thread."""
+    root, mix, tok, _ = world
+    summary = P.run(settings(), mix, tok, root / "reference", device="cpu", threads=1)
+    return summary, pd.read_parquet(root / "reference" / "curve.parquet"), root / "reference"
+
+
+def _launch(args: list[str], log: Path, **popen) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, **popen)
+
+
+def _script_args(s: dict, mix, tok, out, threads=1) -> list[str]:
+    return [str(SCRIPT), "--settings", json.dumps(s), "--mixture", str(mix), "--tokenizer", str(tok),
+            "--out", str(out), "--device", "cpu", "--threads", str(threads)]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    f = [P.lr_factor(s, warmup=10, total=110, min_ratio=0.1) for s in range(110)]
+    assert f[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 50 / 99)))
+    assert P.lr_factor(0, warmup=0, total=5, min_ratio=0.1) == pytest.approx(1.0)
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    o = P.Order(10, seed=3)
+    first, second = o.indices(0, 10), o.indices(10, 10)
+    assert sorted(first) == sorted(second) == list(range(10)) and not np.array_equal(first, second)
+    assert np.array_equal(o.indices(5, 10), np.concatenate([first[5:], second[:5]]))   # across an epoch
+    assert np.array_equal(P.Order(10, seed=3).indices(0, 10), first)
+    assert not np.array_equal(P.Order(10, seed=4).indices(0, 10), first)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_micro_batches_of_all_processes_cover_the_global_batch_once(processes):
+    seen = [i for r in range(processes) for sl in P.micro_slices(16, 2, processes, r) for i in range(16)[sl]]
+    assert sorted(seen) == list(range(16))
+    assert len(P.micro_slices(16, 2, processes, 0)) == 16 // (2 * processes)
+    with pytest.raises(P.PretrainError, match="not a multiple"):
+        P.micro_slices(16, 3, processes, 0)
+
+
+def test_settings_carry_what_training_uses_and_check_config_catches_bad_batches():
+    cfg = {"pretrain": {"batch_size": 32, "micro_batch_size": 8, "processes": 2, "threads": 4, "lr": 1e-3},
+           "scales": {"s": TINY}, "grid": {"scales": ["s"]}}
+    s = P.settings(cfg, "s", 3)
+    assert s["lr"] == 1e-3 and s["seed"] == 3 and s["scale"] == TINY and s["warmup_steps"] == 30
+    assert "processes" not in s and "threads" not in s
+    P.check_config(cfg)
+    cfg["pretrain"]["processes"] = 3
+    with pytest.raises(ConfigError, match="pretrain.batch_size 32 is not a multiple"):
+        P.check_config(cfg)
+    cfg["pretrain"]["processes"] = 1
+    cfg["scales"]["s"] = {**TINY, "context": 128}
+    cfg["pretrain"]["seq_len"] = 256
+    with pytest.raises(ConfigError, match="scales.s.context 128"):
+        P.check_config(cfg)
+    assert "--multi_gpu" not in P.launch_args(1) and "--num_processes 2 " in P.launch_args(2) + " "
+
+
+def test_the_resume_fingerprint_ignores_save_every_only(world):
+    manifest = world[3]
+    fp = P.fingerprint(settings(), manifest)
+    assert P.fingerprint(settings(save_every=7), manifest) == fp
+    assert P.fingerprint(settings(lr=2e-2), manifest) != fp
+    assert P.fingerprint(settings(), {**manifest, "tokens": 1}) != fp
+
+
+# ----------------------------------------------------------------------------- a real tiny run
+
+def test_loss_falls_well_below_the_unigram_entropy(world, reference):
+    summary, curve, cell = reference
+    entropy = world[3]["unigram_entropy"]
+    assert list(curve.columns) == list(P.CURVE_COLUMNS)
+    assert curve["step"].tolist() == list(range(1, 121))
+    assert (curve["tokens"] == curve["step"] * 16 * 64).all()
+    assert curve["loss"].iloc[0] > 0.9 * entropy                       # starts near ln(vocab), not trained
+    assert curve["loss"].tail(10).mean() < 0.5 * entropy               # well below the best unigram model
+    assert curve["lr"].max() == pytest.approx(1e-2) and curve["lr"].iloc[-1] < 2e-3
+    assert np.isfinite(curve["grad_norm"]).all() and (curve["tokens_per_s"] > 0).all()
+    assert summary["final_loss"] == curve["loss"].iloc[-1]
+    assert sorted(p.name for p in cell.iterdir()) == ["curve.parquet", "model"]          # no resume state left
+
+
+def test_checkpoint_loads_with_auto_classes_and_generates(world, reference):
+    model_dir = reference[2] / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    stream = M.TokenStream(world[1])
+    ids = torch.from_numpy(stream.sequences(range(8), 64))
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert loss < 0.5 * world[3]["unigram_entropy"]
+    prompt = tok("Ava has 12 apples. She buys 5 more apples. How many apples does Ava have now?\n\n",
+                 return_tensors="pt").input_ids
+    out = model.generate(prompt, max_new_tokens=30, do_sample=False, pad_token_id=tok.pad_token_id)
+    text = tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert len(text.strip()) > 5
+
+
+def test_the_same_config_gives_the_same_numbers_and_the_seed_changes_them(world, tmp_path):
+    _, mix, tok, _ = world
+    runs = [pd.read_parquet(Path(tmp_path / name) / "curve.parquet")
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))
+            if P.run(settings(max_steps=6, seed=seed), mix, tok, tmp_path / name, device="cpu", threads=1)]
+    assert runs[0]["loss"].tolist() == runs[1]["loss"].tolist()
+    assert runs[0]["loss"].tolist() != runs[2]["loss"].tolist()
+
+
+def test_a_killed_run_resumes_and_ends_with_the_same_loss(world, reference, tmp_path, caplog):
+    """SIGKILL the real process after its first save; the restart must resume and match exactly."""
+    _, mix, tok, _ = world
+    cell = tmp_path / "cell"
+    args = [sys.executable, *_script_args(settings(save_every=10), mix, tok, cell)]
+    first = _launch(args, tmp_path / "first.log")
+    deadline = time.monotonic() + 240
+    while not (cell / "resume" / "progress.json").exists():
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no resume state was saved in time"
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(60) == -signal.SIGKILL
+    assert not (cell / "curve.parquet").exists() and not (cell / "model").exists()
+    saved_at = json.loads((cell / "resume" / "progress.json").read_text())["step"]
+    assert 10 <= saved_at < 120
+
+    # The restart (here in this process, as the workflow would rerun the same command) resumes.
+    with caplog.at_level(logging.INFO, logger="echochamber.pretrain"):
+        P.run(settings(save_every=10), mix, tok, cell, device="cpu", threads=1)
+    assert f"resuming from {cell / 'resume'} at step {saved_at}" in caplog.text
+    resumed = pd.read_parquet(cell / "curve.parquet")
+    ref = reference[1]
+    assert resumed["step"].tolist() == ref["step"].tolist()
+    # Same final loss as the uninterrupted run; on one CPU thread it is bit-identical (tolerance 1e-6).
+    assert resumed["loss"].iloc[-1] == pytest.approx(ref["loss"].iloc[-1], rel=1e-6, abs=1e-6)
+    np.testing.assert_allclose(resumed["loss"], ref["loss"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(resumed["grad_norm"], ref["grad_norm"], rtol=1e-5, atol=1e-6)
+    assert not (cell / "resume").exists()
+
+
+def test_two_processes_give_the_curve_of_one_with_accumulation(world, tmp_path):
+    """The real `accelerate launch` with 2 gloo processes vs 1 process accumulating 2 micro-batches."""
+    _, mix, tok, _ = world
+    s = settings(max_steps=8, batch_size=8, micro_batch_size=4, warmup_steps=2)
+    one = P.run(s, mix, tok, tmp_path / "one", device="cpu", threads=1)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *shlex.split(P.launch_args(2))]
+    proc = _launch([*launch, *_script_args(s, mix, tok, tmp_path / "two", threads=2)], tmp_path / "two.log")
+    assert proc.wait(300) == 0, (tmp_path / "two.log").read_text()[-3000:]
+    assert "(1 micro-steps x 2 processes)" in (tmp_path / "two.log").read_text()
+    a = pd.read_parquet(tmp_path / "one" / "curve.parquet")
+    b = pd.read_parquet(tmp_path / "two" / "curve.parquet")
+    assert one["processes"] == 1 and a["step"].tolist() == b["step"].tolist()
+    # Float tolerance: gloo sums the two halves of the gradient in another order than accumulation.
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b["lr"], a["lr"], rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- user mistakes
+
+def test_a_missing_mixture_stops_with_one_sentence_naming_the_path(world, tmp_path, capsys):
+    _, _, tok, _ = world
+    missing = tmp_path / "mixtures" / "mixture=nope"
+    with pytest.raises(P.PretrainError) as err:
+        P.run(settings(), missing, tok, tmp_path / "cell", device="cpu")
+    assert str(missing) in str(err.value) and "\n" not in str(err.value)
+    code = P.main(["--settings", json.dumps(settings()), "--mixture", str(missing), "--tokenizer", str(tok),
+                   "--out", str(tmp_path / "cell"), "--device", "cpu"])
+    assert code == 1
+    err_lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("pretrain error:")]
+    assert len(err_lines) == 1 and str(missing) in err_lines[0]
+    assert not (tmp_path / "cell" / "model").exists()
+
+
+def test_a_mixture_from_another_tokenizer_is_refused(world, tmp_path):
+    root, mix, _, _ = world
+    other = ec_tokenizer.train_bpe(["just a few words " * 20], 300)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(P.PretrainError, match="tokenizer"):
+        P.run(settings(), mix, tmp_path / "other", tmp_path / "cell", device="cpu")
