@@ -16,6 +16,7 @@ if not workflow.overwrite_configfiles:
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/pretrain.smk"
+include: "rules/base_models.smk"
 include: "rules/rl.smk"
 include: "rules/evaluate.smk"
 include: "rules/results.smk"

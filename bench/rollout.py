@@ -4,15 +4,18 @@ CPU (mini scales, minutes):   python bench/rollout.py
 GPU (150M, under 4 minutes):  python bench/rollout.py --device cuda --scale 150M
 
 Random-init OLMo models; EOS is disabled so every row generates exactly --new-tokens tokens. Each
-implementation is timed --repeats times (interleaved) and the best run is reported. On CUDA a first
-section checks the engine against an HF forward pass (log-probs of sampled tokens, fp32 and bf16).
+implementation is timed --repeats times (interleaved) and the best run is reported: wall time on CUDA,
+process CPU time on CPU (one torch thread by default). On CUDA a first section checks the engine against
+an HF forward pass (log-probs of sampled tokens, fp32 and bf16, eager and CUDA graphs).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -44,15 +47,18 @@ def build_model(scale: str, device: str, dtype: torch.dtype) -> OlmoForCausalLM:
         max_position_embeddings=2048,
         tie_word_embeddings=tied,
         pad_token_id=PAD,
+        eos_token_id=None,
     )
     torch.manual_seed(0)
-    return OlmoForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    with torch.device(device):  # initialise on the device: fast for 150M / 1B
+        return OlmoForCausalLM(cfg).to(dtype).eval()
 
 
 def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, transformers {transformers.__version__})"
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
     return (
         f"{cpu or platform.processor()}, {torch.get_num_threads()} torch threads "
         f"(torch {torch.__version__}, transformers {transformers.__version__})"
@@ -60,13 +66,16 @@ def machine(device: str) -> str:
 
 
 def timed(fn, device: str) -> tuple[float, RolloutBatch]:
+    """Seconds of fn(): wall time on CUDA; on CPU the process's CPU time, so busy neighbours on a shared
+    machine do not count (with one thread the two agree on an idle machine)."""
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    clock = time.perf_counter if device == "cuda" else time.process_time
+    start = clock()
     out = fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, out
+    return clock() - start, out
 
 
 def logprob_error(model, batch: RolloutBatch) -> float:
@@ -80,23 +89,40 @@ def logprob_error(model, batch: RolloutBatch) -> float:
     return float(((ref - batch.logprobs).abs() * batch.response_mask).max())
 
 
-def check_cuda(scale: str) -> None:
-    """The engine on CUDA (graphs included) against an HF forward, in fp32 and in bf16."""
-    params = SamplingParams(max_new_tokens=32, temperature=0.7)
-    vocab = SCALES[scale][4]
+def attempt(label: str, fn, *args):
+    """fn(*args), or None after printing the error: one failure must not sink a one-shot GPU run."""
+    try:
+        return fn(*args)
+    except Exception as error:  # noqa: BLE001
+        print(f"{label} FAILED: {error!r}", flush=True)
+        return None
+
+
+def engine_error(model, compile: bool) -> float:
+    """Sample with the engine (model's dtype) on prompts of different lengths; compare with an HF forward."""
+    vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 1, 12, 23, 3)]
+    engine = RolloutEngine(model, eos_id=vocab, pad_id=PAD, compile=compile, dtype=model.dtype)
+    gen = torch.Generator(device=model.device).manual_seed(0)
+    batch = engine.generate(prompts, SamplingParams(max_new_tokens=32, temperature=0.7), generator=gen)
+    return logprob_error(model, batch)
+
+
+def check_cuda(scale: str) -> None:
+    """The engine on CUDA (graphs included) against an HF forward, in fp32 and in bf16."""
     for dtype in (torch.float32, torch.bfloat16):
         model = build_model(scale, "cuda", dtype)
         for compile in (False, True):
-            engine = RolloutEngine(model, eos_id=vocab, pad_id=PAD, compile=compile, dtype=dtype)
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            err = logprob_error(model, engine.generate(prompts, params, generator=gen))
-            print(f"check {str(dtype):15s} compile={compile!s:5s}: max |logprob - HF forward| = {err:.2e}")
-        del model, engine
+            label = f"check {dtype!s:14s} compile={compile!s:5s}:"
+            err = attempt(label, engine_error, model, compile)
+            if err is not None:
+                print(f"{label} max |logprob - HF forward| = {err:.2e}", flush=True)
+        del model
 
 
-def bench_scale(scale: str, args) -> list[tuple[str, float]]:
+def bench_scale(scale: str, args) -> dict[str, float | None]:
+    """Best tokens/s of each implementation (None when it failed)."""
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = build_model(scale, args.device, dtype)
     vocab = SCALES[scale][4]
@@ -105,34 +131,42 @@ def bench_scale(scale: str, args) -> list[tuple[str, float]]:
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.7)
     no_eos = vocab  # never sampled
     gen = torch.Generator(device=args.device).manual_seed(0)
+    static = {"cache_implementation": "static", "disable_compile": True}  # on CUDA it would compile
     runs = {
         "HF generate, dynamic cache": lambda: hf_generate(model, prompts, params, eos_id=no_eos, pad_id=PAD),
-        "HF generate, static cache": lambda: hf_generate(
-            model, prompts, params, eos_id=no_eos, pad_id=PAD, cache_implementation="static"
-        ),
+        "HF generate, static cache": lambda: hf_generate(model, prompts, params, eos_id=no_eos, pad_id=PAD, **static),
     }
     engines = {"ours, eager": RolloutEngine(model, eos_id=no_eos, pad_id=PAD)}
     if args.device == "cuda":
         engines["ours, CUDA graphs"] = RolloutEngine(model, eos_id=no_eos, pad_id=PAD, compile=True)
+    else:  # bf16 matmuls run at twice the fp32 rate on CPUs with AVX512-BF16 / AMX
+        engines["ours, bf16 (not exact)"] = RolloutEngine(model, eos_id=no_eos, pad_id=PAD, dtype=torch.bfloat16)
     for name, engine in engines.items():
         runs[name] = lambda engine=engine: engine.generate(prompts, params, generator=gen)
 
     warm = SamplingParams(max_new_tokens=min(8, args.new_tokens), temperature=0.7)
     hf_generate(model, prompts[:2], warm, eos_id=no_eos, pad_id=PAD)
-    for engine in engines.values():  # warm up (and capture every graph the timed runs use)
-        engine.generate(prompts, params, generator=gen)
-    best = {name: float("inf") for name in runs}
-    spent = dict.fromkeys(runs, 0.0)
+    ok = dict.fromkeys(runs, True)
+    for name in engines:  # warm up, capturing every graph the timed runs use
+        ok[name] = attempt(f"{scale} {name} warm-up", runs[name]) is not None
+    tokens = args.batch * args.new_tokens
+
+    def run_timed(fn) -> float:
+        seconds, out = timed(fn, args.device)
+        if out.response_mask.sum() != tokens:
+            raise RuntimeError(f"generated {int(out.response_mask.sum())} tokens, not {tokens}")
+        return seconds
+
+    best, spent = dict.fromkeys(runs, math.inf), dict.fromkeys(runs, 0.0)
     for _ in range(args.repeats):
         for name, fn in runs.items():
-            if spent[name] > args.budget_s:
-                continue  # a slow run is repeated only while its time stays within the budget
-            seconds, out = timed(fn, args.device)
-            assert out.response_mask.sum() == args.batch * args.new_tokens
-            best[name] = min(best[name], seconds)
-            spent[name] += seconds
-    tokens = args.batch * args.new_tokens
-    return [(name, tokens / seconds) for name, seconds in best.items()]
+            if not ok[name] or (spent[name] and spent[name] + best[name] > args.budget_s):
+                continue  # repeat a run only while its total time stays within the budget
+            seconds = attempt(f"{scale} {name}", run_timed, fn)
+            ok[name] = seconds is not None
+            if ok[name]:
+                best[name], spent[name] = min(best[name], seconds), spent[name] + seconds
+    return {name: tokens / best[name] if ok[name] else None for name in runs}
 
 
 def main() -> None:
@@ -143,16 +177,15 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int)
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--budget-s", type=float, default=30.0, help="stop repeating a run once it took this long")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine)")
+    parser.add_argument("--budget-s", type=float, default=30.0, help="repeat a run while its total stays below this")
     parser.add_argument("--skip-check", action="store_true", help="CUDA: skip the correctness check")
     args = parser.parse_args()
     scales, batch, prompt_len, new_tokens = DEFAULTS[args.device]
     args.scale = args.scale or scales
     args.batch, args.prompt_len = args.batch or batch, args.prompt_len or prompt_len
     args.new_tokens = args.new_tokens or new_tokens
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     print(f"machine: {machine(args.device)}")
     print(f"batch {args.batch}, {args.prompt_len}-token prompts, {args.new_tokens} new tokens, temperature 0.7, no EOS")
@@ -160,10 +193,11 @@ def main() -> None:
         check_cuda(args.scale[0])
     print("\n| scale | implementation | tokens/s | vs HF dynamic |\n|---|---|---:|---:|")
     for scale in args.scale:
-        rows = bench_scale(scale, args)
-        reference = dict(rows)["HF generate, dynamic cache"]
-        for name, rate in rows:
-            print(f"| {scale} | {name} | {rate:,.0f} | {rate / reference:.2f}x |", flush=True)
+        rates = bench_scale(scale, args)
+        reference = rates["HF generate, dynamic cache"]
+        for name, rate in rates.items():
+            ratio = f"{rate / reference:.2f}x" if rate and reference else "-"
+            print(f"| {scale} | {name} | {f'{rate:,.0f}' if rate else 'failed'} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

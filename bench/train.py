@@ -155,23 +155,25 @@ def cpu_bench(args) -> dict:
 # ----------------------------------------------------------------------------- GPU
 
 def gpu_measure(name: str, scale_name: str, variant: str, args, accelerator) -> dict:
-    device = torch.device("cuda")
-    scale = PAPER_SCALES[scale_name]
-    micro_size = GPU_MICRO[scale_name] if args.micro_batch_size is None else args.micro_batch_size
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    scale = {**mini_scales(), **PAPER_SCALES}[scale_name]
+    micro_size = args.micro_batch_size or GPU_MICRO.get(scale_name, 16)
     n_micro = args.accumulation
     while True:
         model = loop = None
         try:
-            model = make_model(scale, args.vocab, args.seq_len, "cuda")
+            model = make_model(scale, args.vocab, args.seq_len, args.device)
             fpt = flops_per_token(model, args.seq_len)
             if variant == "ours":
                 loop = Ours(model, accelerator, bf16=True, compile=not args.no_compile)
             else:
                 loop = Plain(model, bf16=True, compile=variant == "plain-compiled")
-            g = torch.Generator(device="cuda").manual_seed(0)
+            g = torch.Generator(device=args.device).manual_seed(0)
             micro = [torch.randint(0, args.vocab, (micro_size, args.seq_len), device=device, generator=g)
                      for _ in range(n_micro)]
-            torch.cuda.reset_peak_memory_stats()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             for _ in range(args.warmup):
                 timed_step(loop, micro, device)
@@ -192,7 +194,7 @@ def gpu_measure(name: str, scale_name: str, variant: str, args, accelerator) -> 
     r = {"scale": scale_name, "variant": variant, "micro_batch": micro_size, "accumulation": n_micro,
          "tokens_per_step": tokens, "tokens_per_s": round(tps), "mfu": round(mfu, 4),
          "step_s": round(statistics.median(ts), 4), "warmup_s": round(warm, 1),
-         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
          "params": models.count_params(model), "flops_per_token": fpt}
     print(f"{scale_name:>5} {variant:<15} {r['tokens_per_s']:>9,} tokens/s  MFU {mfu:6.1%}  "
           f"step {r['step_s']:.3f}s ({micro_size} x {n_micro} x {args.seq_len})  warm-up {warm:.0f}s  "
@@ -201,21 +203,24 @@ def gpu_measure(name: str, scale_name: str, variant: str, args, accelerator) -> 
     accelerator.free_memory()
     accelerator._custom_objects.clear()        # the registered scheduler holds the optimizer
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return r
 
 
 def gpu_bench(args) -> dict:
     from accelerate import Accelerator
 
-    if not torch.cuda.is_available():
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible to torch")
     start = time.perf_counter()
-    props = torch.cuda.get_device_properties(0)
-    print(f"GPU: {torch.cuda.get_device_name(0)} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, "
-          f"peak {args.peak_tflops:.0f} TFLOP/s bf16 dense, context {args.seq_len}", flush=True)
-    accelerator = Accelerator(mixed_precision="no")
-    plan = [(s, v) for s in args.scales for v in args.variants]
+    name = torch.cuda.get_device_name(0) if cuda else "cpu (smoke test of the GPU suite)"
+    memory = f" ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)" if cuda else ""
+    print(f"GPU: {name}{memory}, torch {torch.__version__}, peak {args.peak_tflops:.0f} TFLOP/s bf16 dense, "
+          f"context {args.seq_len}", flush=True)
+    accelerator = Accelerator(mixed_precision="no", cpu=not cuda)
+    plan = [(s, v) for v in args.variants for s in args.scales]      # ours at every scale first
     results, skipped = [], []
     for scale_name, variant in plan:
         if time.perf_counter() - start > args.budget_s:
@@ -230,9 +235,9 @@ def gpu_bench(args) -> dict:
             skipped.append(f"{scale_name}/{variant}")
     for r in results:
         if r["variant"] == "ours":
-            r["target_mfu"] = TARGETS[r["scale"]]
-            r["anchor_plain_h200"] = ANCHORS[r["scale"]]
-    return {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results,
+            r["target_mfu"] = TARGETS.get(r["scale"])
+            r["anchor_plain_h200"] = ANCHORS.get(r["scale"])
+    return {"device": name, "torch": torch.__version__, "results": results,
             "skipped": skipped, "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -240,7 +245,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--scale", default="s", help="CPU: a scale of config.yaml (default s)")
-    ap.add_argument("--scales", nargs="+", default=["150M", "1B"], choices=list(PAPER_SCALES), help="GPU scales")
+    ap.add_argument("--scales", nargs="+", default=["150M", "1B"],
+                    help="GPU suite: scales (the paper's or config.yaml's)")
+    ap.add_argument("--suite", choices=["auto", "cpu", "gpu"], default="auto",
+                    help="auto: the GPU suite on cuda, the CPU comparison on cpu (gpu on cpu: a smoke test)")
     ap.add_argument("--variants", nargs="+", default=["ours", "plain-eager"],
                     choices=["ours", "plain-eager", "plain-compiled"], help="GPU: loops to time, in order")
     ap.add_argument("--seq-len", type=int, default=None, help="default: 256 on CPU, 2048 on GPU")
@@ -254,10 +262,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="GPU: run ours without torch.compile")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
-    ap.add_argument("--budget-s", type=float, default=190.0, help="GPU: start no measurement after this")
+    ap.add_argument("--budget-s", type=float, default=160.0, help="GPU: start no measurement after this")
     ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = ap.parse_args(argv)
-    gpu = args.device == "cuda"
+    gpu = args.suite == "gpu" or (args.suite == "auto" and args.device == "cuda")
     args.seq_len = args.seq_len or (2048 if gpu else 256)
     args.vocab = args.vocab or (32000 if gpu else 1024)
     args.steps = args.steps or (6 if gpu else 20)

@@ -2,6 +2,7 @@
 import sys
 from pathlib import Path
 
+from echochamber import base_models as ec_base
 from echochamber import config as ec_config
 from echochamber import grid as ec_grid
 
@@ -28,12 +29,14 @@ wildcard_constraints:
 
 
 def data_outputs():
+    # a mixture whose every cell starts from a released checkpoint (base_models) needs none of its data
     return expand(f"{R}/data/source={{source}}/{{split}}.parquet",
-                  source=ec_grid.sources_needed(config), split=ec_grid.SPLITS)
+                  source=ec_base.sources_needed(config), split=ec_grid.SPLITS)
 
 
 def tokenizer_outputs():
-    return [f"{R}/tokenizer/tokenizer_config.json"]
+    # base models bring their own tokenizer; ours is built only when some cell is pretrained
+    return [f"{R}/tokenizer/tokenizer_config.json"] if ec_base.needs_tokenizer(config) else []
 
 
 def final_message():

@@ -13,7 +13,9 @@ except ec_config.ConfigError as e:
 
 RL_CELLS = {c.id: c for c in ec_grid.rl_cells(config)}
 RL_CELL = "mixture={mixture}/scale={scale}/algo={algo}/kl={kl}/seed={seed}"
-RL_SRC = [SRC / "rl" / f for f in ("__init__.py", "settings.py", "core.py", "ppo.py", "grpo.py", "ei.py", "train.py")] \
+# The library code every RL job runs; each job also runs its own algorithm's module (rl/<algo>.py, imported
+# lazily by rl/train.py), so editing ppo.py reruns the PPO cells only.
+RL_SRC = [SRC / "rl" / f for f in ("__init__.py", "settings.py", "core.py", "train.py")] \
     + [SRC / f for f in ("reward.py", "rollout.py", "sandbox.py", "formats.py", "models.py")]
 RL_SCRIPT = Path(workflow.basedir) / "workflow_scripts" / "rl.py"
 
@@ -40,7 +42,7 @@ rule rl:
         samples=f"{R}/rl/{RL_CELL}/samples.parquet",
         checkpoints=directory(f"{R}/rl/{RL_CELL}/checkpoints"),
     input:
-        RL_SRC,
+        lambda w: RL_SRC + [SRC / "rl" / f"{w.algo}.py"],
         script=RL_SCRIPT,
         base=f"{R}/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}/model",
         prompts=rl_prompts(),

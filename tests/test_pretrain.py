@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from echochamber import models
 from echochamber import pretrain as P
 from echochamber.config import ConfigError
 from echochamber.data import mixture as M
@@ -111,6 +112,14 @@ def test_settings_carry_what_training_uses_and_check_config_catches_bad_batches(
     with pytest.raises(ConfigError, match="scales.s.context 128"):
         P.check_config(cfg)
     assert "--multi_gpu" not in P.launch_args(1) and "--num_processes 2 " in P.launch_args(2) + " "
+
+
+def test_a_job_launches_one_process_per_allocated_gpu_else_the_configured_count():
+    from types import SimpleNamespace as NS
+
+    assert P.job_processes(NS(processes=2)) == 2
+    assert P.job_processes(NS(processes=4, gpu=0)) == 4
+    assert P.job_processes(NS(processes=4, gpu=8)) == 8
 
 
 def test_the_resume_fingerprint_ignores_save_every_only(world):
@@ -233,3 +242,39 @@ def test_a_mixture_from_another_tokenizer_is_refused(world, tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(P.PretrainError, match="tokenizer"):
         P.run(settings(), mix, tmp_path / "other", tmp_path / "cell", device="cpu")
+
+
+def _interrupted_run(s, mix, tok, cell, monkeypatch):
+    """A run that dies after its last resume save (at the final checkpoint write), leaving resume/."""
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(models, "save_checkpoint", crash)
+        with pytest.raises(KeyboardInterrupt):
+            P.run(s, mix, tok, cell, device="cpu", threads=1)
+    assert (cell / "resume" / "progress.json").is_file()
+
+
+def test_a_resume_state_from_other_settings_is_ignored(world, tmp_path, monkeypatch, caplog):
+    _, mix, tok, _ = world
+    s = settings(max_steps=6, save_every=3)
+    _interrupted_run(s, mix, tok, tmp_path / "cell", monkeypatch)
+    other = settings(max_steps=6, save_every=3, lr=5e-3)
+    with caplog.at_level(logging.INFO, logger="echochamber.pretrain"):
+        P.run(other, mix, tok, tmp_path / "cell", device="cpu", threads=1)
+    assert "ignoring" in caplog.text and "resuming" not in caplog.text
+    P.run(other, mix, tok, tmp_path / "fresh", device="cpu", threads=1)
+    assert pd.read_parquet(tmp_path / "cell" / "curve.parquet")["loss"].tolist() == \
+        pd.read_parquet(tmp_path / "fresh" / "curve.parquet")["loss"].tolist()
+
+
+def test_a_damaged_resume_state_stops_with_one_sentence_naming_it(world, tmp_path, monkeypatch):
+    _, mix, tok, _ = world
+    s = settings(max_steps=6, save_every=3)
+    cell = tmp_path / "cell"
+    _interrupted_run(s, mix, tok, cell, monkeypatch)
+    state = next(f for f in (cell / "resume").iterdir() if f.name.startswith("optimizer"))
+    state.write_bytes(state.read_bytes()[:50])
+    with pytest.raises(P.PretrainError) as err:
+        P.run(s, mix, tok, cell, device="cpu", threads=1)
+    assert str(cell / "resume") in str(err.value) and "\n" not in str(err.value)

@@ -374,7 +374,7 @@ def test_a_run_writes_steps_samples_and_checkpoints(world, tmp_path, algo):
     assert (row.value_loss is not None and not math.isnan(row.value_loss)) == (algo == "ppo")
     assert math.isnan(row.zero_std_groups) == (algo != "grpo")
     if algo == "ei":
-        assert not math.isnan(row.kept)
+        assert not math.isnan(row.kept) and row.unique <= 24 * 3 and row.kept <= row.unique
     else:
         assert row.kl == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference itself
         assert row.clip_frac >= 0 and row.entropy > 0
@@ -452,6 +452,9 @@ def test_hanging_crashing_and_hostile_code_gets_zero_reward_and_the_run_goes_on(
 
 def test_expert_iteration_keeps_distinct_verified_answers_and_learns_them(world, tmp_path):
     assert ei.keep_verified([0, 0, 0, 1, 1], [[1, 2], [1, 2], [3], [1, 2], [4]], [1, 1, 1, 0, 1]) == [0, 2, 4]
+    capped = train.run(spec(algo="ei", ei=dict(rounds=1, samples_per_prompt=2, max_prompts=5, batch_size=4)),
+                       base=world["base"], prompts=world["prompts"], out=tmp_path / "capped", scorer=gold_in_text)
+    assert capped["rows"][0]["unique"] <= 10 and read_run(tmp_path / "capped")[1].prompt.nunique() <= 5
     right = "\\boxed{GOLD}"
     s = settings.Settings.from_spec(spec(algo="ei", ei=dict(rounds=2, samples_per_prompt=3, batch_size=4, epochs=3,
                                                             lr=3e-3, from_base=True)))

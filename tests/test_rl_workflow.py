@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,10 @@ def tiny_rl_config(results: Path) -> dict:
 @pytest.fixture
 def workdir(tmp_path):
     """A working folder with a Snakefile of the data-free RL stage, a base checkpoint and prompts."""
-    (tmp_path / "src").symlink_to(ROOT / "src")
-    (tmp_path / "workflow_scripts").symlink_to(ROOT / "workflow_scripts")
+    # a snapshot of the sources the rule lists as inputs (others may edit the live tree meanwhile)
+    shutil.copytree(ROOT / "src" / "echochamber", tmp_path / "src" / "echochamber",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "workflow_scripts", tmp_path / "workflow_scripts", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "Snakefile").write_text(SNAKEFILE)
     results = tmp_path / "results"
     cfg = tiny_rl_config(results)
@@ -75,7 +78,9 @@ def smk(workdir: Path, *args, check=True):
 
 
 def planned(proc) -> str:
-    return proc.stdout + proc.stderr
+    """The job blocks of rule `rl` in a dry run's output."""
+    blocks = (proc.stdout + proc.stderr).split("\nrule ")
+    return "\n".join(b for b in blocks if b.startswith("rl:"))
 
 
 def test_rl_rule_runs_every_cell_and_reruns_only_what_changed(workdir):
@@ -92,7 +97,8 @@ def test_rl_rule_runs_every_cell_and_reruns_only_what_changed(workdir):
         log = (results / f"logs/rl/mixture={MIX}/scale={SCALE}/{cell}/seed=0.log").read_text()
         assert "step 2/2" in log and "rl done" in log
         assert (results / f"benchmarks/rl/mixture={MIX}/scale={SCALE}/{cell}/seed=0.tsv").exists()
-    assert "Nothing to be done" in planned(smk(wd, "-n"))
+    again = smk(wd, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr and not planned(again)
 
     # a GRPO setting reruns the GRPO cell only
     edited = copy.deepcopy(cfg)

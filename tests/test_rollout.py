@@ -29,8 +29,18 @@ def tiny_olmo(tied: bool, vocab: int = 256, seed: int = 0) -> OlmoForCausalLM:
         tie_word_embeddings=tied,
         initializer_range=0.1,  # peaked distributions: no near-ties in greedy decoding
         pad_token_id=PAD,
+        eos_token_id=None,
     )
     return OlmoForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine spinning threads cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
@@ -206,3 +216,26 @@ def test_temperature_sharpens():
     counts = sample_tokens(logits, SamplingParams(temperature=0.5), torch.Generator().manual_seed(0)).bincount()
     expected = PROBS**2 / (PROBS**2).sum()
     assert torch.allclose(counts / 40_000.0, expected, atol=0.01)
+
+
+def test_bf16_engine_tracks_the_bf16_model():
+    """The bf16 path (the CUDA default) with fixed buffers, on CPU: log-probs near a bf16 HF forward."""
+    model = tiny_olmo(tied=False).to(torch.bfloat16)
+    params = SamplingParams(max_new_tokens=16, temperature=0.7)
+    engine = RolloutEngine(model, eos_id=NO_EOS, pad_id=PAD, compile=True, dtype=torch.bfloat16)
+    batch = engine.generate(PROMPTS, params, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(batch.logprobs, full_forward_logprobs(model, batch), atol=0.05, rtol=0)
+
+
+def test_attention_biases():
+    """OLMo has none, but the config allows them: q/k/v/o biases are read and applied."""
+    torch.manual_seed(0)
+    cfg = tiny_olmo(tied=False).config
+    cfg.attention_bias = True
+    model = OlmoForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    ours = RolloutEngine(model, eos_id=NO_EOS, pad_id=PAD).generate(PROMPTS, GREEDY)
+    assert_same(ours, hf_generate(model, PROMPTS, GREEDY, eos_id=NO_EOS, pad_id=PAD))

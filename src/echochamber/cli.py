@@ -65,8 +65,7 @@ def cmd_score(args) -> int:
 def cmd_sql(args) -> int:
     from echochamber.store import query
 
-    sql = _read(args.query[1:]) if args.query.startswith("@") else args.query
-    print(query(args.db, sql, fmt=args.format))
+    print(query(args.db, args.query, fmt=args.format))
     return 0
 
 
@@ -106,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("sql", help="query the results store (read-only)")
-    s.add_argument("query", help="SQL text, or @FILE for a saved query such as @queries/winners.sql")
+    s.add_argument("query", help="SQL text, a saved query's name (winning_format) or a .sql file")
     s.add_argument("--db", default="results/echo.duckdb")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")
     s.set_defaults(func=cmd_sql)

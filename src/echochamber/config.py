@@ -92,6 +92,14 @@ def _check_references(config: dict, origin: str) -> None:
             if name not in defined:
                 raise ConfigError(f"{origin}: grid.{key}: unknown {key[:-1]} {name!r}; "
                                   f"allowed values: {', '.join(map(str, defined))}")
+    for mixture, by_scale in (config.get("base_models") or {}).items():
+        if mixture not in config["mixtures"]:
+            raise ConfigError(f"{origin}: base_models: unknown mixture {mixture!r}; "
+                              f"defined in mixtures: {', '.join(config['mixtures'])}")
+        for scale in by_scale or {}:
+            if scale not in config["scales"]:
+                raise ConfigError(f"{origin}: base_models.{mixture}: unknown scale {scale!r}; "
+                                  f"defined in scales: {', '.join(map(str, config['scales']))}")
     for section, key in (("rl", "prompts"),):
         ref = config.get(section, {}).get(key)
         if ref and ref["source"] not in sources:

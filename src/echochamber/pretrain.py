@@ -69,6 +69,13 @@ def processes(config: dict) -> int:
     return int(config.get("pretrain", {}).get("processes", 1))
 
 
+def job_processes(resources) -> int:
+    """Processes to launch for a job: one per GPU when the scheduler allocated GPUs (resource ``gpu``, as
+    the Slurm profile sets it), else the ``processes`` resource (pretrain.processes)."""
+    gpu = int(getattr(resources, "gpu", 0) or 0)
+    return gpu if gpu > 0 else int(resources.processes)
+
+
 def threads(config: dict) -> int:
     return int(config.get("pretrain", {}).get("threads", 2))
 
@@ -231,8 +238,11 @@ def _complete_resume(cell: Path) -> Path | None:
     return None
 
 
-def _save_resume(accelerator, cell: Path, step: int, fp: str, rows: list[dict]) -> None:
-    """All processes write into a fresh folder; the main one adds the progress file last and swaps it in."""
+def _save_resume(accelerator, cell: Path, step: int, fp: str, rows: list[dict], position: int) -> None:
+    """All processes write into a fresh folder; the main one adds the progress file last and swaps it in.
+
+    accelerate's ``save_state`` holds the model, optimizer, scheduler and every process's RNG states;
+    ``progress.json`` holds the step and the data position (sequences consumed of the seeded order)."""
     tmp, final, old = cell / f".{RESUME}.partial", cell / RESUME, cell / f".{RESUME}.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -242,7 +252,8 @@ def _save_resume(accelerator, cell: Path, step: int, fp: str, rows: list[dict]) 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_curve(rows, tmp / "curve.parquet")
-        (tmp / PROGRESS).write_text(json.dumps({"step": step, "fingerprint": fp}) + "\n")
+        progress = {"step": step, "sequences_seen": position, "fingerprint": fp}
+        (tmp / PROGRESS).write_text(json.dumps(progress) + "\n")
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)
@@ -280,7 +291,7 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
 
     from echochamber import models
     from echochamber.data import tokenizer as ec_tokenizer
-    from echochamber.data.mixture import MixtureError, TokenStream
+    from echochamber.data.mixture import MixtureError, TokenStream, tokenizer_info
 
     cell = Path(cell_dir)
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
@@ -297,9 +308,9 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
         except (MixtureError, FileNotFoundError) as e:
             raise PretrainError(str(e)) from None
         manifest = stream.manifest
-        if manifest["tokenizer"]["vocab_size"] != len(tok):
-            raise PretrainError(f"mixture {mixture_dir} was tokenized with {manifest['tokenizer']['vocab_size']} "
-                                f"tokens but the tokenizer in {tokenizer_dir} has {len(tok)}; rebuild the mixture")
+        if tokenizer_info(tok)["vocab_sha256"] != manifest["tokenizer"].get("vocab_sha256"):
+            raise PretrainError(f"mixture {mixture_dir} was tokenized with another tokenizer than the one in "
+                                f"{tokenizer_dir}; rebuild the mixture")
         L, B = s["seq_len"], s["batch_size"]
         n_seq = stream.n_sequences(L)
         if n_seq < B:
@@ -320,10 +331,17 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
         step, rows = 0, []
         found = _complete_resume(cell)
         if found is not None:
-            progress = json.loads((found / PROGRESS).read_text())
+            try:
+                progress = json.loads((found / PROGRESS).read_text())
+            except (OSError, json.JSONDecodeError):
+                progress = {}
             if progress.get("fingerprint") == fp:
-                accelerator.load_state(str(found))
-                step, rows = int(progress["step"]), _read_curve(found / "curve.parquet")
+                try:
+                    accelerator.load_state(str(found))
+                    step, rows = int(progress["step"]), _read_curve(found / "curve.parquet")
+                except Exception as e:  # noqa: BLE001 - a damaged resume state is reported, not traced
+                    raise PretrainError(f"the resume state {found} is unreadable ({type(e).__name__}); "
+                                        f"delete it to train this cell from the start") from None
                 if main:
                     log.info("resuming from %s at step %d of %d", found, step, steps)
             elif main:
@@ -354,7 +372,7 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             if step % s["save_every"] == 0 and step < steps:
-                _save_resume(accelerator, cell, step, fp, rows)
+                _save_resume(accelerator, cell, step, fp, rows, position=step * B)
                 if main:
                     log.info("saved the resume state at step %d", step)
         bar.close()
@@ -370,7 +388,8 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
                 _write_curve(rows, tmp)
             for d in (RESUME, f".{RESUME}.old", f".{RESUME}.partial"):
                 shutil.rmtree(cell / d, ignore_errors=True)
-            log.info("cell %s done: final loss %.4f after %d steps, %.1f s", cell, rows[-1]["loss"], steps, elapsed)
+            log.info("cell %s done: final loss %.4f after %d steps, %.1f s", cell, rows[-1]["loss"], steps,
+                     elapsed)
         accelerator.wait_for_everyone()
         return {"steps": steps, "tokens": steps * B * L, "final_loss": rows[-1]["loss"], "params": n_params,
                 "seconds": elapsed, "processes": world}
@@ -381,7 +400,10 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
 # ----------------------------------------------------------------------------- entry point
 
 def main(argv: list[str] | None = None) -> int:
-    """``accelerate launch workflow_scripts/pretrain.py --settings JSON --mixture DIR --tokenizer DIR --out CELL``."""
+    """Command line of one cell, as rule ``pretrain`` runs it::
+
+        accelerate launch workflow_scripts/pretrain.py --settings JSON --mixture DIR --tokenizer DIR --out CELL
+    """
     ap = argparse.ArgumentParser(description="Pretrain one cell (mixture x scale x seed).")
     ap.add_argument("--settings", required=True, help="JSON of echochamber.pretrain.settings(...)")
     ap.add_argument("--mixture", required=True, help="mixture folder (holds manifest.json)")

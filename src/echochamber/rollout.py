@@ -1,25 +1,26 @@
 """Fast batched sampling from an OLMo causal LM: our own forward, KV cache and decode loop.
 
-``RolloutEngine`` reads the weights of a ``transformers`` ``OlmoForCausalLM`` and runs its own forward
-pass (prefill of the left-padded prompts, then one token per step) over a preallocated KV cache of shape
-``[layers, 2, batch, kv_heads, max_len, head_dim]``. Position ids start at 0 at each prompt's first real
-token, exactly as ``generate`` derives them from an attention mask, so greedy decoding equals
-``hf_generate`` token for token in fp32. Rows stop independently at EOS; once at most half of the rows
-are still running, the cache is compacted so finished rows cost nothing.
+``RolloutEngine`` copies the weights of a ``transformers`` ``OlmoForCausalLM`` (q/k/v and gate/up fused)
+and runs its own forward pass: a prefill of the left-padded prompts, then one token per step over a
+preallocated KV cache ``[layers, 2, blocks, rows, kv_heads, _BLOCK, head_dim]``. Position ids start at 0
+at each prompt's first real token, exactly as ``generate`` derives them from the attention mask, so in
+fp32 greedy decoding equals ``hf_generate`` token for token. Rows stop independently at EOS (finished
+rows emit pad); once at most half of the rows still run, the cache is compacted to the running rows.
 
-Sampling: temperature, then top-k (off when 0), then top-p (the smallest set of tokens whose probability
-reaches ``top_p``), then an exact draw from the remaining distribution (exponential race) with an optional
-``torch.Generator`` on the model's device. ``logprobs`` are always under the model at temperature 1.
+Sampling: temperature, then top-k (off when 0), then top-p (the smallest set of most likely tokens whose
+probability reaches ``top_p``), then an exact inverse-CDF draw with an optional ``torch.Generator`` on the
+model's device. ``logprobs`` are always under the model at temperature 1.
 
-On CUDA the engine runs in bf16 by default; ``compile=True`` captures the decode step in CUDA graphs (one
-per batch-size bucket and 64-key attention window), sampling stays eager. On CPU ``compile=True`` runs
-the same fixed-shape step without capturing, so that path is tested everywhere.
+On CUDA the engine runs in bf16 by default; ``compile=True`` captures the decode step as CUDA graphs, one
+per (rows, attended blocks), with sampling left eager. On CPU ``compile=True`` runs the same fixed-buffer
+step without capture, so that path is tested everywhere; the CPU default stays fp32 and exact.
 
-``hf_generate`` is the reference (``transformers`` ``generate``), ``vllm_generate`` an optional backend.
+``hf_generate`` is the reference (``transformers`` ``generate``); ``vllm_generate`` an optional backend.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 _LN_EPS = 1e-5  # OlmoLayerNorm's fixed epsilon
-_BLOCK = 64  # KV-cache positions per block; attention reads whole blocks
+_BLOCK = 32  # KV-cache positions per block; attention reads whole blocks
 _CUDA_CHECK_EVERY = 8  # on CUDA, read the finished flags (a host sync) every this many steps
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
 @dataclass
@@ -73,9 +75,8 @@ def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     if top_p < 1.0:
         sorted_scores, order = scores.sort(dim=-1, descending=True)
         probs = sorted_scores.softmax(dim=-1)
-        mass_above = probs.cumsum(dim=-1) - probs
-        drop = (mass_above >= top_p).scatter(-1, order, mass_above >= top_p)
-        scores = scores.masked_fill(drop, -math.inf)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # mass of the tokens ranked above
+        scores = scores.masked_fill(torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted), -math.inf)
     return scores
 
 
@@ -104,8 +105,7 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
-        if p:
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
     mask = torch.arange(width) >= width - torch.tensor([len(p) for p in prompts])[:, None]
     return ids.to(device), mask.to(device)
 
@@ -131,8 +131,8 @@ def _concat(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
     )
 
 
-def _rope_tables(config, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sign-folded sin [length, head_dim] so that rope(x) = x * cos + x.roll(half) * sin."""
+def _rope_tables(config, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sign-folded sin [length, head_dim], so that rope(x) = x * cos + x.roll(half) * sin."""
     rope = getattr(config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": config.rope_theta}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"RolloutEngine supports only default RoPE, not {rope['rope_type']!r}")
@@ -142,7 +142,7 @@ def _rope_tables(config, length: int, device, dtype) -> tuple[torch.Tensor, torc
     emb = torch.cat([freqs, freqs], dim=-1)
     sin = emb.sin()
     sin[:, : dim // 2].neg_()
-    return emb.cos().to(dtype), sin.to(dtype)
+    return emb.cos(), sin
 
 
 def _head_dim(config) -> int:
@@ -298,7 +298,7 @@ class RolloutEngine:
         """Copy the model's current weights into the engine (in place, so CUDA graphs stay valid)."""
         self.weights.load(self.model)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: trainers use the outputs in autograd graphs
     def generate(
         self,
         prompts: list[list[int]],
@@ -380,16 +380,15 @@ class RolloutEngine:
         if self.max_len is not None and length > self.max_len:
             raise ValueError(f"prompt + max_new_tokens = {length} exceeds the engine's max_len {self.max_len}")
         blocks = _blocks(max(length, self.max_len or 0))
-        if self.cache is not None and self.cache.shape[3] >= rows and self.cache.shape[2] >= blocks:
-            return
-        cfg, kw = self.config, {"device": self.device}
+        if self.cache is not None:
+            if self.cache.shape[3] >= rows and self.cache.shape[2] >= blocks:
+                return
+            rows, blocks = max(rows, self.cache.shape[3]), max(blocks, self.cache.shape[2])
         self.cache = self.runner = None  # free the old buffers first
-        shape = (cfg.num_hidden_layers, 2, blocks, rows, self.kv_heads, _BLOCK, self.head_dim)
-        self.cache = torch.zeros(shape, dtype=self.dtype, **kw)  # zeros: masked slots must be finite
-        self.bias = torch.full((blocks, rows, _BLOCK), -math.inf, **kw)
-        self.cos, self.sin = _rope_tables(cfg, blocks * _BLOCK, self.device, self.dtype)
-        # flat row of (block 0, row r, kv head h, offset 0) in a [-1, head_dim] view of one layer's keys
-        self.kv_rows = (torch.arange(rows * self.kv_heads, **kw) * _BLOCK).view(rows, self.kv_heads)
+        shape = (self.config.num_hidden_layers, 2, blocks, rows, self.kv_heads, _BLOCK, self.head_dim)
+        self.cache = torch.zeros(shape, dtype=self.dtype, device=self.device)  # masked slots must be finite
+        self.bias = torch.full((blocks, rows, _BLOCK), -math.inf, device=self.device)
+        self.cos, self.sin = _rope_tables(self.config, blocks * _BLOCK, self.device)
         self.runner = _StepRunner(self, rows) if self.compile else None
 
     # ------------------------------------------------------------------------------------ forward
@@ -408,9 +407,10 @@ class RolloutEngine:
         def attend(layer, q, k, v):  # [b, p, heads, head_dim]
             self.cache[layer, 0, :blocks, :b] = _to_blocks(k, blocks, 0.0).transpose(2, 3)
             self.cache[layer, 1, :blocks, :b] = _to_blocks(v, blocks, 0.0).transpose(2, 3)
+            groups = self.heads // self.kv_heads
+            k, v = (x.repeat_interleave(groups, dim=2) if groups > 1 else x for x in (k, v))
             q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.heads != self.kv_heads)
-            return out.transpose(1, 2)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)
 
         x = self._forward(ids, positions, attend)
         return self._logits(x.view(b, p, -1)[:, -1])
@@ -419,16 +419,19 @@ class RolloutEngine:
         blocks = _blocks(write + 1)
         if self.runner is not None:
             return self.runner(tokens, positions, write, blocks)
-        return self._step(tokens, positions, torch.tensor(write, device=self.device), blocks)
+        write_at = torch.full((), write, dtype=torch.long, device=self.device)  # a fill, not a host copy
+        return self._step(tokens, positions, write_at, blocks)
 
     def _step(self, tokens, positions, write: torch.Tensor, blocks: int) -> torch.Tensor:
         """One decode step: cache position ``write`` (a 0-dim tensor, so graphs can replay it) gets the new
         keys and values, and attention reads the first ``blocks`` blocks."""
-        n = tokens.shape[0]
-        rows = self.cache.shape[3]
+        n, rows = tokens.shape[0], self.cache.shape[3]
         block, offset = write // _BLOCK, write % _BLOCK
-        kv_slots = (self.kv_rows[:n] + block * rows * self.kv_heads * _BLOCK + offset).view(-1)
-        self.bias.view(-1).index_fill_(0, (block * rows + torch.arange(n, device=self.device)) * _BLOCK + offset, 0.0)
+        # flat index of (block, row, [kv head,] offset) in the bias and in one layer's keys as [-1, head_dim]
+        slot = block * rows + torch.arange(n, device=self.device)
+        self.bias.view(-1).index_fill_(0, slot * _BLOCK + offset, 0.0)
+        heads = torch.arange(self.kv_heads, device=self.device)
+        kv_slots = ((slot[:, None] * self.kv_heads + heads) * _BLOCK + offset).view(-1)
         bias = self.bias[:blocks, :n, None, None, :]  # [blocks, n, 1, 1, _BLOCK]
 
         def attend(layer, q, k, v):  # [n, 1, heads, head_dim]
@@ -464,7 +467,7 @@ class RolloutEngine:
                 qkv = qkv.clamp(-clip, clip)
             qkv = qkv.view(n, s, h + 2 * hk, hd)
             qk = qkv[:, :, : h + hk]
-            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)  # RoPE on queries and keys at once
+            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin).to(x.dtype)  # RoPE (fp32) on q and k
             a = attend(i, qk[:, :, :h], qk[:, :, h:], qkv[:, :, h + hk :]).reshape(n * s, h * hd)
             x = _add_linear(x, a, w.o[i], None if w.o_bias is None else w.o_bias[i])
             gate, up = F.linear(_layer_norm(x), w.gate_up[i]).chunk(2, dim=-1)
@@ -489,7 +492,7 @@ def _to_blocks(x: torch.Tensor, blocks: int, fill: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- references
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: trainers use the outputs in autograd graphs
 def hf_generate(
     model,
     prompts: list[list[int]],
@@ -498,27 +501,27 @@ def hf_generate(
     eos_id: int,
     pad_id: int,
     generator: torch.Generator | None = None,
-    cache_implementation: str | None = None,
+    **generate_kwargs,
 ) -> RolloutBatch:
     """The ``transformers`` ``generate`` reference, same semantics and return type as the engine.
 
     ``top_k`` is passed explicitly (``generate`` would otherwise apply its default of 50). ``generate``
-    takes no generator, so one seeds the global RNG inside a forked RNG state.
+    takes no generator, so one seeds the global RNG inside a forked RNG state. ``generate_kwargs`` go
+    to ``generate`` (e.g. ``cache_implementation="static"``).
     """
     device = model.lm_head.weight.device
     ids, mask = _left_pad(prompts, pad_id, device)
-    sampling = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p}
+    sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
     kwargs = dict(
         attention_mask=mask.long(),
         max_new_tokens=params.max_new_tokens,
         do_sample=not params.greedy,
-        top_k=0 if params.greedy else params.top_k,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         return_dict_in_generate=True,
         output_logits=True,
-        cache_implementation=cache_implementation,
-        **sampling,
+        **({} if params.greedy else sampling),
+        **generate_kwargs,
     )
     seed = None if generator is None else int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -542,7 +545,7 @@ def hf_generate(
 
 
 def vllm_generate(
-    model_path: str,
+    llm,
     prompts: list[list[int]],
     params: SamplingParams,
     *,
@@ -550,38 +553,41 @@ def vllm_generate(
     pad_id: int,
     seed: int = 0,
 ) -> RolloutBatch:
-    """Optional vLLM backend for a checkpoint saved with ``save_pretrained`` (needs ``pip install vllm``).
+    """Optional vLLM backend (``pip install vllm``; use it when ``HAS_VLLM``), same return type.
 
-    Same return type; vLLM's logprobs are at temperature 1 (its default ``logprobs_mode`` is raw). Raises
-    ImportError when vLLM is missing.
+    ``llm`` is a ``vllm.LLM`` or the path of a ``save_pretrained`` checkpoint. Only ``eos_id`` stops a
+    row; log-probs are vLLM's raw ones (temperature 1) under its default ``logprobs_mode``.
     """
     import vllm
 
-    llm = vllm.LLM(model=model_path, seed=seed)
+    if isinstance(llm, str):
+        llm = vllm.LLM(model=llm, seed=seed, skip_tokenizer_init=True)
     sampling = vllm.SamplingParams(
         max_tokens=params.max_new_tokens,
         temperature=0.0 if params.greedy else params.temperature,
         top_p=params.top_p,
         top_k=params.top_k if params.top_k > 0 else -1,
         stop_token_ids=[eos_id],
-        logprobs=0,
+        ignore_eos=True,  # the checkpoint's own EOS; stop_token_ids still apply
+        logprobs=0,  # the sampled token's log-prob only
+        detokenize=False,
         seed=seed,
     )
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling)
+    outputs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sampling)]
     ids, mask = _left_pad(prompts, pad_id, "cpu")
-    width = max(len(o.outputs[0].token_ids) for o in outputs)
+    width = max(len(o.token_ids) for o in outputs)
     response = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     logprobs = torch.zeros(len(prompts), width)
     for i, o in enumerate(outputs):
-        tokens = list(o.outputs[0].token_ids)
+        tokens = list(o.token_ids)
         response[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        logprobs[i, : len(tokens)] = torch.tensor([lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, tokens)])
-    lengths = torch.tensor([len(o.outputs[0].token_ids) for o in outputs])
+        logprobs[i, : len(tokens)] = torch.tensor([step[t].logprob for step, t in zip(o.logprobs, tokens)])
+    lengths = torch.tensor([len(o.token_ids) for o in outputs])
     return RolloutBatch(
         prompt_ids=ids,
         prompt_mask=mask,
         response_ids=response,
         response_mask=torch.arange(width) < lengths[:, None],
         logprobs=logprobs,
-        truncated=torch.tensor([o.outputs[0].finish_reason == "length" for o in outputs]),
+        truncated=torch.tensor([o.finish_reason == "length" for o in outputs]),
     )

@@ -156,6 +156,21 @@ def checkpoint_steps(total: int, per_episode: int, n: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------- batches
 
 
+def encode_prompt(tok, text: str) -> list[int]:
+    """Token ids of ``text`` as they appear at the start of a pretraining document (prompt + solution).
+
+    Tokenizing the prompt alone can differ at its end: a byte-level BPE turns a trailing blank line into
+    one merged ``"\\n\\n"`` token, while in the documents the blank line is followed by the solution and
+    splits into two ``"\\n"`` tokens; the merged token is then out of distribution and the model writes
+    garbage. So encode ``text`` + one letter and drop the letter's token when the rest decodes to ``text``.
+    """
+    plain = tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok(text + "x", add_special_tokens=False)["input_ids"][:-1]
+    return ids if ids != plain and tok.decode(ids) == text else plain
+
+
+
+
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -220,6 +235,13 @@ class Experience:
                                 if getattr(self, f.name) is not None})
 
 
+def micro_batches(exp: Experience, idx: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Rows ``idx`` in chunks of ``size``, sorted by length so that each chunk carries little padding."""
+    lengths = (exp.prompt_mask.sum(1) + exp.response_mask.sum(1)).cpu()[idx.cpu()]
+    idx = idx[torch.argsort(lengths, descending=True, stable=True).to(idx.device)]
+    return [idx[i:i + size] for i in range(0, len(idx), size)]
+
+
 def model_inputs(prompt_ids, prompt_mask, response_ids, response_mask):
     """Concatenated ids, attention mask and position ids (0 at each prompt's first real token)."""
     ids = torch.cat([prompt_ids, response_ids], dim=1)
@@ -258,8 +280,8 @@ def annotate(exp: Experience, policy, *, ref=None, critic=None, micro_batch_size
     old, ent = torch.zeros(n, width), torch.zeros(n, width)
     ref_lp = torch.zeros(n, width) if ref is not None else None
     values = torch.zeros(n, width) if critic is not None else None
-    for start in range(0, n, micro_batch_size):
-        idx = torch.arange(start, min(n, start + micro_batch_size))
+    for idx in micro_batches(exp, torch.arange(n), micro_batch_size):
+        idx = idx.cpu()
         mb = exp.select(idx)
         with autocast():
             logits = policy_logits(policy, mb)
@@ -363,7 +385,7 @@ STEP_COLUMNS = [
     "kl", "entropy", "clip_frac", "approx_kl", "ratio_dev", "policy_loss", "value_loss", "value_mean",
     "grad_norm", "critic_grad_norm", "lr", "critic_lr",
     "response_len", "trunc_rate", "tokens_per_s", "zero_std_groups", "score_errors", "logprob_gap",
-    "kept", "unique", "sft_loss", "rollout_s", "score_s", "train_s",
+    "kept", "unique", "sft_loss", "rollout_s", "score_s", "train_s", "step_s",
 ]
 SAMPLE_COLUMNS = ["step", "prompt", "completion", "format", "correct", "answer", "error", "gold",
                   "reward", "truncated"]
@@ -551,7 +573,7 @@ class PolicyGradientTrainer:
         n_tokens = int(exp.response_mask[idx].sum())
         totals = dict(clip=0.0, approx_kl=0.0, ratio_dev=0.0, policy_loss=0.0, value_loss=0.0)
         self.policy.train()
-        chunks = [idx[i:i + mbs] for i in range(0, n_seqs, mbs)]
+        chunks = micro_batches(exp, idx, mbs)
         for j, chunk in enumerate(chunks):
             mb = exp.select(chunk)
             mask = mb.response_mask

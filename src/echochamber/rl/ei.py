@@ -110,6 +110,7 @@ class ExpertIteration:
                     continue  # every process must take part in each step
                 n_tokens = sum(len(examples[i][1]) for i in rows)
                 mbs = self.s.micro_batch_size
+                rows = sorted(rows, key=lambda i: -(len(examples[i][0]) + len(examples[i][1])))
                 chunks = [rows[i:i + mbs] for i in range(0, len(rows), mbs)]
                 total = 0.0
                 for j, chunk in enumerate(chunks):

@@ -46,7 +46,7 @@ DEFAULTS: dict = {
     "ppo": {"epochs": 1, "kl_estimator": "k1", "whiten_advantages": True},
     "grpo": {"epochs": 1, "kl_estimator": "k3", "std_eps": 1.0e-9},
     "ei": {"rounds": 3, "samples_per_prompt": 64, "temperature": 1.0, "top_p": 0.95, "lr": 1.0e-4,
-           "epochs": 2, "batch_size": 256, "from_base": True, "warmup_ratio": 0.03},
+           "epochs": 2, "batch_size": 256, "from_base": True, "warmup_ratio": 0.03, "max_prompts": None},
 }
 
 # Common keys each algorithm reads (besides its own section); the rest never reach its params.
@@ -137,6 +137,7 @@ class EISettings:
     batch_size: int = 256
     from_base: bool = True             # each round fine-tunes the base model (paper), else online
     warmup_ratio: float = 0.03
+    max_prompts: int | None = None     # prompts sampled each round (None: all of rl.prompts)
 
 
 def _defaults(key):

@@ -103,11 +103,13 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
     load_checkpoint, save_checkpoint = ec_models.load_checkpoint, ec_models.save_checkpoint
 
     questions, golds = load_prompts(prompts, s.prompts.get("max_prompts"))
+    if s.algo == "ei" and s.ei.max_prompts:
+        questions, golds = questions[:s.ei.max_prompts], golds[:s.ei.max_prompts]
     policy, tok = load_checkpoint(base)
     if tok.pad_token_id is None or tok.eos_token_id is None:
         raise RLInputError(f"tokenizer of {base} needs an EOS and a pad token")
     policy.to(accel.device)
-    prompt_ids = [tok(ec_formats.prompt(q), add_special_tokens=False)["input_ids"] for q in questions]
+    prompt_ids = [core.encode_prompt(tok, ec_formats.prompt(q)) for q in questions]
     p = plan(s, len(questions))
     log.info("rl %s kl=%g seed=%d: %d prompts, %d steps (%d per episode), checkpoints at %s",
              s.algo, s.kl, s.seed, len(questions), p["total"], p["per_episode"], p["checkpoints"])

@@ -1,0 +1,29 @@
+# Released checkpoints instead of pretraining (config base_models): for the (mixture, scale) cells listed
+# there, this rule writes what the pretrain rule would (model/ + a zero-row curve.parquet), so RL,
+# evaluation and the store are unchanged. Its `cell` wildcard matches those cells only; ruleorder makes it
+# win over `pretrain` there. Include it after rules/pretrain.smk.
+from echochamber import base_models as ec_base
+
+BASE_MODEL_CELLS = ec_base.cells(config)
+
+
+ruleorder: base_model > pretrain
+
+
+rule base_model:
+    output:
+        model=directory(f"{R}/pretrain/{{cell}}/model"),
+        curve=f"{R}/pretrain/{{cell}}/curve.parquet",
+    input:
+        SRC / "base_models.py",
+        SRC / "models.py",
+    params:
+        source=lambda w: BASE_MODEL_CELLS[w.cell],
+    wildcard_constraints:
+        cell=ec_base.cell_pattern(config),
+    log:
+        f"{R}/logs/base_models/{{cell}}.log",
+    benchmark:
+        f"{R}/benchmarks/base_models/{{cell}}.tsv"
+    script:
+        "../workflow_scripts/base_model.py"

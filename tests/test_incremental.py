@@ -1,0 +1,188 @@
+"""Incremental reruns through the real Snakefile: each edit schedules exactly the jobs it should.
+
+Running the workflow for real takes minutes (pretraining, RL), so the module makes every output of a tiny
+grid exist without computing it: it creates each output the DAG lists (`--summary`) as an empty file or
+folder, then runs `--touch --forceall`, which touches them in DAG order AND records Snakemake's metadata
+(params, input lists, input checksums) as a real run does, so the params and input rerun triggers of
+profiles/default are live. Then each case is one dry run (`-n`) whose scheduled jobs are parsed.
+
+The workflow runs from a copy of the repository in a temporary folder, so code edits never touch the real
+tree; every edit is undone (content and mtime) when its test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import re
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SNAKEMAKE, tiny_config, write_config
+
+NEW_MIXTURE = "as_fm3_2xtg"
+
+
+def copy_repo(dest: Path) -> Path:
+    """The repository's files (tracked and new, not ignored) copied to ``dest``."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=False)
+    if listed.returncode != 0:      # not a git checkout (e.g. an unpacked archive): all but build outputs
+        shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "results", ".snakemake", "__pycache__", "*.egg-info", ".pytest_cache"))
+        return dest
+    for rel in filter(None, listed.stdout.split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def run(ws, *args, config=None):
+    """The copied repository's workflow on a config (the module's base config by default)."""
+    cmd = [SNAKEMAKE, "-s", str(ws["repo"] / "Snakefile"), "-d", str(ws["root"]),
+           f"--configfile={config or ws['config']}", *args]
+    proc = subprocess.run(cmd, cwd=ws["root"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"), check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout + proc.stderr
+
+
+def scheduled(text: str) -> list[tuple[str, dict]]:
+    """The jobs of a dry run's log as (rule, wildcards); checked against its "Job stats" table."""
+    jobs = []
+    for line in text.splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            jobs.append((m.group(1), {}))
+        elif (m := re.match(r"^\s+wildcards: (.+)$", line)) and jobs:
+            jobs[-1][1].update(kv.split("=", 1) for kv in m.group(1).split(", "))
+    stats = {}
+    if "Job stats:" in text:
+        table = text.split("Job stats:", 1)[1].splitlines()
+        for line in table[3:]:
+            name, count = line.split()
+            if name == "total":
+                break
+            stats[name] = int(count)
+    assert stats == dict(Counter(r for r, _ in jobs)), f"could not parse the dry run:\n{text[-3000:]}"
+    return jobs
+
+
+def dry_run(ws, config=None) -> list[tuple[str, dict]]:
+    return scheduled(run(ws, "-n", config=config))
+
+
+def counts(jobs) -> dict[str, int]:
+    return dict(Counter(rule for rule, _ in jobs))
+
+
+def variant(ws, name: str, edit) -> Path:
+    """A config file next to the base one: the base config changed by ``edit(cfg)``."""
+    cfg = copy.deepcopy(ws["cfg"])
+    edit(cfg)
+    return write_config(ws["root"] / f"{name}.yaml", cfg)
+
+
+@contextlib.contextmanager
+def edited(path: Path, text: str):
+    """Append ``text`` to a file for the duration; then restore its content and mtime."""
+    before, stat = path.read_bytes(), path.stat()
+    try:
+        with path.open("a") as f:
+            f.write(text)
+        yield path
+    finally:
+        path.write_bytes(before)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A copied repository and a tiny grid (one mixture, PPO and GRPO) whose every output exists."""
+    root = tmp_path_factory.mktemp("incremental")
+    repo = copy_repo(root / "repo")
+    cfg = tiny_config(root / "results")
+    cfg["grid"]["algos"] = {"ppo": {"kl": [0.0]}, "grpo": {"kl": [0.0]}}
+    ws = {"root": root, "repo": repo, "cfg": cfg, "config": write_config(root / "config.yaml", cfg)}
+
+    # Every output of the DAG, as an empty file, or a folder for the directory() outputs (the workflow's
+    # only outputs without a file suffix: model/, checkpoints/, figures/; case (a) checks this held).
+    results = str(cfg["results"])
+    outputs = [line.split("\t")[0] for line in run(ws, "--summary").splitlines()
+               if line.startswith(results + "/")]
+    assert any(o.endswith("/model") for o in outputs) and any(o.endswith("/echo.duckdb") for o in outputs)
+    for out in map(Path, outputs):
+        if out.suffix:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.touch()
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+    touched = run(ws, "--touch", "--forceall", "--cores", "1")
+    assert "not touched" not in touched, touched[-3000:]
+    return ws
+
+
+def test_nothing_changed_schedules_nothing(ws):
+    out = run(ws, "-n")
+    assert "Nothing to be done" in out, out[-3000:]
+    # the touch run recorded metadata for every job, so params changes are detectable below
+    assert "missing provenance" not in out, out[-3000:]
+
+
+def test_new_kl_coefficient_schedules_only_its_cell(ws):
+    def more_kl(cfg):
+        cfg["grid"]["algos"]["ppo"]["kl"] = [0.0, 0.01]
+
+    jobs = dry_run(ws, variant(ws, "kl", more_kl))
+    assert counts(jobs) == {"rl": 1, "eval_rl": 2, "ingest": 1, "report": 1, "all": 1}
+    for rule, w in jobs:
+        if rule in ("rl", "eval_rl"):
+            assert (w["algo"], w["kl"]) == ("ppo", "0.01")
+
+
+def test_changed_algorithm_setting_reruns_only_its_cells(ws):
+    """Params trigger: a GRPO-only setting changes the GRPO cell's params, not PPO's nor pretraining's."""
+    def grpo_eps(cfg):
+        cfg["rl"]["grpo"]["std_eps"] = 1.0e-6
+
+    jobs = dry_run(ws, variant(ws, "grpo", grpo_eps))
+    assert counts(jobs) == {"rl": 1, "eval_rl": 2, "ingest": 1, "report": 1, "all": 1}
+    assert {w["algo"] for rule, w in jobs if rule in ("rl", "eval_rl")} == {"grpo"}
+
+
+def test_new_mixture_schedules_only_its_cells(ws):
+    def add_mixture(cfg):
+        cfg["mixtures"][NEW_MIXTURE] = {"as": 1, "fm3": 1, "tg": 2}
+        cfg["grid"]["mixtures"].append(NEW_MIXTURE)
+
+    jobs = dry_run(ws, variant(ws, "mixture", add_mixture))
+    # its mixture and model, the model's 2 evaluations, PPO and GRPO on it and theirs; no data, no tokenizer
+    assert counts(jobs) == {"mixture": 1, "pretrain": 1, "eval_base": 2, "rl": 2, "eval_rl": 4,
+                            "ingest": 1, "report": 1, "all": 1}
+    assert {w["mixture"] for _, w in jobs if "mixture" in w} == {NEW_MIXTURE}
+
+
+def test_unrelated_file_edits_invalidate_nothing(ws):
+    repo = ws["repo"]
+    with edited(repo / "README.md", "\nA note.\n"), edited(repo / "tests" / "conftest.py", "\n# a note\n"), \
+            edited(repo / "Makefile", "\n# a note\n"):
+        out = run(ws, "-n")
+    assert "Nothing to be done" in out, out[-3000:]
+
+
+def test_rl_code_edit_reruns_its_rl_cells_not_pretraining(ws):
+    with edited(ws["repo"] / "src" / "echochamber" / "rl" / "ppo.py", "\n# a comment\n"):
+        jobs = dry_run(ws)
+    assert counts(jobs) == {"rl": 1, "eval_rl": 2, "ingest": 1, "report": 1, "all": 1}
+    assert {w["algo"] for rule, w in jobs if rule in ("rl", "eval_rl")} == {"ppo"}
+
+    with edited(ws["repo"] / "src" / "echochamber" / "rl" / "core.py", "\n# a comment\n"):
+        jobs = dry_run(ws)
+    assert counts(jobs) == {"rl": 2, "eval_rl": 4, "ingest": 1, "report": 1, "all": 1}
