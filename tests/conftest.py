@@ -14,7 +14,7 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
 def tiny_config(results: Path) -> dict:
-    """config.yaml shrunk to seconds: few problems, the smallest scale, short training and RL."""
+    """config.yaml shrunk to seconds: few problems, the smallest scale, a few steps of each stage."""
     cfg = copy.deepcopy(yaml.safe_load((ROOT / "config.yaml").read_text()))
     cfg["results"] = str(results)
     syn = cfg["data"]["synthetic"]
@@ -23,6 +23,14 @@ def tiny_config(results: Path) -> dict:
         for key in ("n_train", "n_test", "n_hard"):
             spec.pop(key, None)
     cfg["tokenizer"]["vocab_size"] = 400
+    cfg["pretrain"].update(seq_len=64, batch_size=8, micro_batch_size=8, max_steps=4, warmup_steps=1,
+                           save_every=2, threads=1)
+    cfg["rl"].update(rollout_batch_size=2, samples_per_prompt=2, train_batch_size=4, micro_batch_size=4,
+                     max_new_tokens=16, max_steps=2, n_checkpoints=1, samples_logged=4, threads=1)
+    cfg["rl"]["ei"].update(rounds=1, samples_per_prompt=2, batch_size=4)
+    cfg["eval"].update(max_problems=4, n_samples=2, k=2, max_new_tokens=16, batch_size=8)
+    cfg["grid"].update(mixtures=cfg["grid"]["mixtures"][:1], scales=["xs"], seeds=[0],
+                       algos={"ppo": {"kl": [0.0]}}, exclude=[])
     return cfg
 
 
