@@ -16,7 +16,8 @@ RL_CELL = "mixture={mixture}/scale={scale}/algo={algo}/kl={kl}/seed={seed}"
 # The library code every RL job runs; each job also runs its own algorithm's module (rl/<algo>.py, imported
 # lazily by rl/train.py), so editing ppo.py reruns the PPO cells only.
 RL_SRC = [SRC / "rl" / f for f in ("__init__.py", "settings.py", "core.py", "train.py")] \
-    + [SRC / f for f in ("reward.py", "rollout.py", "sandbox.py", "formats.py", "models.py")]
+    + [SRC / f for f in ("reward.py", "rollout.py", "sandbox.py", "formats.py", "models.py")] \
+    + [SRC / "data" / "tokenizer.py"]
 RL_SCRIPT = Path(workflow.basedir) / "workflow_scripts" / "rl.py"
 
 

@@ -15,7 +15,8 @@ from echochamber import config as ec_config
 from echochamber import grid as ec_grid
 from echochamber import models as ec_models
 from echochamber import rollout as ec_rollout
-from echochamber.data import synthetic, tokenizer as ec_tokenizer
+from echochamber.data import synthetic
+from echochamber.data import tokenizer as ec_tokenizer
 from echochamber.formats import document
 from echochamber.rl import core, ei, grpo, ppo, settings, train
 
@@ -162,7 +163,7 @@ def test_padding_never_enters_the_losses_or_their_gradients():
 
     def losses(garbage):
         lp = logp.clone().requires_grad_(True)
-        fill = lambda t: torch.where(mask, t, torch.full_like(t, garbage))  # noqa: E731
+        fill = lambda t: torch.where(mask, t, torch.full_like(t, garbage))
         old, adv = fill(logp.detach() + 0.1), fill(torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.3, 0, 0, 0]]))
         pl, _ = core.clipped_policy_loss(lp, old, adv, mask, 0.2, "seq_mean")
         kl = core.aggregate(core.kl_estimate(lp, fill(logp.detach() - 0.3), "k3", mask), mask, "token_mean")
@@ -195,7 +196,7 @@ def test_cosine_schedule_warms_up_then_decays_to_min_ratio():
     assert f(10) == pytest.approx(1.0)
     assert all(f(i) >= f(i + 1) for i in range(10, 100))
     assert f(100) == pytest.approx(0.1) and f(1000) == pytest.approx(0.1)
-    opt, sched = core.make_optimizer([torch.nn.Parameter(torch.zeros(1))], 1e-3, (0.9, 0.95), 10, 0.0, 0.5)
+    _, sched = core.make_optimizer([torch.nn.Parameter(torch.zeros(1))], 1e-3, (0.9, 0.95), 10, 0.0, 0.5)
     assert sched.get_last_lr()[0] == pytest.approx(1e-3)
 
 
@@ -374,7 +375,7 @@ def test_a_run_writes_steps_samples_and_checkpoints(world, tmp_path, algo):
     assert (row.value_loss is not None and not math.isnan(row.value_loss)) == (algo == "ppo")
     assert math.isnan(row.zero_std_groups) == (algo != "grpo")
     if algo == "ei":
-        assert not math.isnan(row.kept) and row.unique <= 24 * 3 and row.kept <= row.unique
+        assert not math.isnan(row["kept"]) and row["unique"] <= 24 * 3 and row["kept"] <= row["unique"]
     else:
         assert row.kl == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference itself
         assert row.clip_frac >= 0 and row.entropy > 0
@@ -472,7 +473,7 @@ def test_expert_iteration_keeps_distinct_verified_answers_and_learns_them(world,
             return float(ei.sft_loss(policy, core.Experience(pi, pm, ri, rm), int(rm.sum())))
 
     before = nll()
-    row, recs = trainer.round(1, prompts, golds)
+    row, _ = trainer.round(1, prompts, golds)
     assert row["kept"] == 2 and row["unique"] == 4 and row["reward"] == pytest.approx(4 / 6)
     after = nll()
     assert after < before - 0.5

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from echochamber import models as ec_models
-from echochamber.data import synthetic, tokenizer as ec_tokenizer
+from echochamber.data import synthetic
+from echochamber.data import tokenizer as ec_tokenizer
 from echochamber.formats import document
 
 ROOT = Path(__file__).resolve().parents[1]

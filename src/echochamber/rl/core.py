@@ -156,21 +156,6 @@ def checkpoint_steps(total: int, per_episode: int, n: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------- batches
 
 
-def encode_prompt(tok, text: str) -> list[int]:
-    """Token ids of ``text`` as they appear at the start of a pretraining document (prompt + solution).
-
-    Tokenizing the prompt alone can differ at its end: a byte-level BPE turns a trailing blank line into
-    one merged ``"\\n\\n"`` token, while in the documents the blank line is followed by the solution and
-    splits into two ``"\\n"`` tokens; the merged token is then out of distribution and the model writes
-    garbage. So encode ``text`` + one letter and drop the letter's token when the rest decodes to ``text``.
-    """
-    plain = tok(text, add_special_tokens=False)["input_ids"]
-    ids = tok(text + "x", add_special_tokens=False)["input_ids"][:-1]
-    return ids if ids != plain and tok.decode(ids) == text else plain
-
-
-
-
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -297,7 +282,7 @@ def annotate(exp: Experience, policy, *, ref=None, critic=None, micro_batch_size
                 values[idx, :v.shape[1]] = v.float().cpu()
     dev = exp.response_ids.device
     mask = exp.response_mask.cpu()
-    put = lambda x: None if x is None else x.masked_fill(~mask, 0.0).to(dev)  # noqa: E731
+    put = lambda x: None if x is None else x.masked_fill(~mask, 0.0).to(dev)
     return replace(exp, old_logprobs=put(old), entropy=put(ent), ref_logprobs=put(ref_lp), values=put(values))
 
 

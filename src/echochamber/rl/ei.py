@@ -14,8 +14,19 @@ import time
 import numpy as np
 import torch
 
-from echochamber.rl.core import (Accel, Experience, format_stats, left_pad, make_optimizer, masked_sum, policy_logits,
-                                 right_pad, score, task_rewards, token_logprobs)
+from echochamber.rl.core import (
+    Accel,
+    Experience,
+    format_stats,
+    left_pad,
+    make_optimizer,
+    masked_sum,
+    policy_logits,
+    right_pad,
+    score,
+    task_rewards,
+    token_logprobs,
+)
 
 
 def keep_verified(prompt_index: list[int], responses: list[list[int]], rewards: list[float]) -> list[int]:

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from echochamber import formats as ec_formats
 from echochamber import models as ec_models
 from echochamber.config import ConfigError
+from echochamber.data.tokenizer import encode_prompt
 from echochamber.rl import core
 from echochamber.rl.settings import Settings
 
@@ -109,7 +109,7 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
     if tok.pad_token_id is None or tok.eos_token_id is None:
         raise RLInputError(f"tokenizer of {base} needs an EOS and a pad token")
     policy.to(accel.device)
-    prompt_ids = [core.encode_prompt(tok, ec_formats.prompt(q)) for q in questions]
+    prompt_ids = [encode_prompt(tok, q) for q in questions]  # as inside a pretraining document
     p = plan(s, len(questions))
     log.info("rl %s kl=%g seed=%d: %d prompts, %d steps (%d per episode), checkpoints at %s",
              s.algo, s.kl, s.seed, len(questions), p["total"], p["per_episode"], p["checkpoints"])
