@@ -615,22 +615,12 @@ class PolicyGradientTrainer:
         recs = [r for part in everyone for r in part["records"]]
         infos = [part["info"] for part in everyone]
         tokens = sum(i["tokens"] for i in infos)
-        counted = [r["reward"] > 0 for r in recs]
         row = {
-            "reward": float(np.mean([r["reward"] for r in recs])),
-            "accuracy": float(np.mean(counted)),
-            **format_stats([r["format"] for r in recs], counted),
+            **rollout_row(recs, infos, train_s),
             "entropy": sum(i["entropy_sum"] for i in infos) / max(1, tokens),
             "logprob_gap": sum(i["logprob_gap_sum"] for i in infos) / max(1, tokens),
             "kl": (sum(i["kl_sum"] for i in infos) / max(1, tokens)) if "kl_sum" in infos[0] else None,
             "value_mean": (sum(i["value_sum"] for i in infos) / max(1, tokens)) if "value_sum" in infos[0] else None,
-            "response_len": tokens / max(1, len(recs)),
-            "trunc_rate": float(np.mean([r["truncated"] for r in recs])),
-            "score_errors": float(np.mean([r["error"] is not None for r in recs])),
-            "rollout_s": max(i["rollout_s"] for i in infos),
-            "score_s": max(i["score_s"] for i in infos),
-            "tokens_per_s": tokens / max(1e-9, max(i["rollout_s"] for i in infos)),
-            "train_s": train_s,
         }
         for key in ("clip_frac", "approx_kl", "policy_loss", "value_loss", "grad_norm", "critic_grad_norm"):
             vals = [st[key] for st in stats if key in st]
@@ -642,3 +632,22 @@ class PolicyGradientTrainer:
             z = [part["adv"]["zero_std_groups"] for part in everyone]
             row["zero_std_groups"] = float(np.mean(z))
         return row
+
+
+def rollout_row(recs: list[dict], infos: list[dict], train_s: float) -> dict:
+    """The columns every algorithm logs for one rollout step: reward, formats, lengths, timings."""
+    tokens = sum(i["tokens"] for i in infos)
+    counted = [r["reward"] > 0 for r in recs]
+    rollout_s = max(i["rollout_s"] for i in infos)
+    return {
+        "reward": float(np.mean([r["reward"] for r in recs])),
+        "accuracy": float(np.mean(counted)),
+        **format_stats([r["format"] for r in recs], counted),
+        "response_len": tokens / max(1, len(recs)),
+        "trunc_rate": float(np.mean([r["truncated"] for r in recs])),
+        "score_errors": float(np.mean([r["error"] is not None for r in recs])),
+        "rollout_s": rollout_s,
+        "score_s": max(i["score_s"] for i in infos),
+        "tokens_per_s": tokens / max(1e-9, rollout_s),
+        "train_s": train_s,
+    }

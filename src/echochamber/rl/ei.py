@@ -17,7 +17,7 @@ import torch
 from echochamber.rl.core import (
     Accel,
     Experience,
-    format_stats,
+    rollout_row,
     left_pad,
     make_optimizer,
     masked_sum,
@@ -155,22 +155,10 @@ class ExpertIteration:
         t0 = time.perf_counter()
         sft = self.sft(examples, round_index)
         train_s = time.perf_counter() - t0
-        infos = [part["info"] for part in everyone]
-        tokens = sum(i["tokens"] for i in infos)
-        counted = [r["reward"] > 0 for r in recs]
         row = {
-            "reward": float(np.mean([r["reward"] for r in recs])),
-            "accuracy": float(np.mean(counted)),
-            **format_stats([r["format"] for r in recs], counted),
+            **rollout_row(recs, [part["info"] for part in everyone], train_s),
             "kept": len(keep),
             "unique": len({(r["prompt_index"], tuple(r["response_ids"])) for r in recs}),
-            "response_len": tokens / max(1, len(recs)),
-            "trunc_rate": float(np.mean([r["truncated"] for r in recs])),
-            "score_errors": float(np.mean([r["error"] is not None for r in recs])),
-            "rollout_s": max(i["rollout_s"] for i in infos),
-            "score_s": max(i["score_s"] for i in infos),
-            "tokens_per_s": tokens / max(1e-9, max(i["rollout_s"] for i in infos)),
-            "train_s": train_s,
             **sft,
         }
         return row, recs
