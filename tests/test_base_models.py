@@ -97,6 +97,7 @@ def test_base_model_rule_materialises_the_cell_instead_of_pretraining(tmp_path, 
         pytest.fail('the Snakefile must include "rules/base_models.smk" (after rules/pretrain.smk)')
     released = tiny_released_model(tmp_path / "released")
     cfg = tiny_config(tmp_path / "results")
+    cfg["grid"]["scales"] = ["s"]
     cfg["base_models"] = {MIX: {"s": str(tmp_path / "released")}}
     path = write_config(tmp_path / "config.yaml", cfg)
     cell = tmp_path / "results" / "pretrain" / f"mixture={MIX}" / "scale=s" / "seed=0"
