@@ -2,15 +2,14 @@
 # there, this rule writes what the pretrain rule would (model/ + a zero-row curve.parquet), so RL,
 # evaluation and the store are unchanged. Its `cell` wildcard matches those cells only; ruleorder makes it
 # win over `pretrain` there. Include it after rules/pretrain.smk.
-from echochamber import base_models as ec_base
-
-BASE_MODEL_CELLS = ec_base.cells(config)
 
 
 ruleorder: base_model > pretrain
 
 
 rule base_model:
+    conda:
+        CONDA_ENV
     output:
         model=directory(f"{R}/pretrain/{{cell}}/model"),
         curve=f"{R}/pretrain/{{cell}}/curve.parquet",

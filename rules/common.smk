@@ -1,21 +1,37 @@
-# Config validation, the grid, and path helpers; the only place with helper functions.
+# Config validation, the grid, paths and every helper the rule files use (rule files hold only rules).
+import json
+import os
+import shlex
 import sys
+import zlib
 from pathlib import Path
 
 from echochamber import base_models as ec_base
 from echochamber import config as ec_config
+from echochamber import evaluate as ec_eval
 from echochamber import grid as ec_grid
+from echochamber import pretrain as ec_pretrain
+from echochamber.data.sources import source_spec
+from echochamber.rl import settings as rl_settings
 
 CONFIG_ORIGIN = ", ".join(map(str, workflow.overwrite_configfiles)) or "config.yaml"
 try:
     ec_config.validate(config, origin=CONFIG_ORIGIN)
-except ec_config.ConfigError as e:
+    ec_pretrain.check_config(config)
+    rl_settings.check(config)
+    ec_eval.check_config(config)
+except (ec_config.ConfigError, ec_eval.EvalError) as e:
     sys.exit(f"Config error: {e}")
 
 R = config["results"]
-PY = sys.executable
 # Library sources a rule's results depend on: editing them reruns that stage (see rules' inputs).
 SRC = Path(workflow.basedir) / "src" / "echochamber"
+# Jobs may run in the conda env of envs/ (--sdm conda), which holds the dependencies, not the package.
+CONDA_ENV = str(Path(workflow.basedir) / "envs" / "echochamber.yaml")
+# (--lint asks for an envvars directive here; these are set by the workflow itself, not required from users.)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC.parent), os.environ.get("PYTHONPATH")]))
+# `python` in shell rules is this interpreter (the venv's), or the conda env's under --sdm conda.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
 
 
 wildcard_constraints:
@@ -26,6 +42,7 @@ wildcard_constraints:
     algo="|".join(ec_grid.ALGOS),
     kl=r"[0-9.e-]+",
     seed=r"\d+",
+    benchmark=r"[A-Za-z0-9_]+",
 
 
 def data_outputs():
@@ -51,3 +68,98 @@ def final_message():
         if Path(path).exists():
             lines.append(f"  {what:<48} {path}")
     return "\n".join(lines)
+
+
+# --- pretrain ---------------------------------------------------------------------------------
+
+PRETRAIN_CELL = f"{R}/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}"
+
+
+def pretrain_outputs():
+    """Every pretrain cell's checkpoint folder and loss curve (for rule all)."""
+    cells = ec_grid.pretrain_cells(config)
+    return ([f"{R}/pretrain/{c.id}/model" for c in cells]
+            + [f"{R}/pretrain/{c.id}/curve.parquet" for c in cells])
+
+
+# --- base_models ------------------------------------------------------------------------------
+
+BASE_MODEL_CELLS = ec_base.cells(config)
+
+
+# --- rl ---------------------------------------------------------------------------------------
+
+RL_CELLS = {c.id: c for c in ec_grid.rl_cells(config)}
+RL_CELL = "mixture={mixture}/scale={scale}/algo={algo}/kl={kl}/seed={seed}"
+# The library code every RL job runs; each job also runs its own algorithm's module (rl/<algo>.py, imported
+# lazily by rl/train.py), so editing ppo.py reruns the PPO cells only.
+RL_SRC = [SRC / "rl" / f for f in ("__init__.py", "settings.py", "core.py", "train.py")] \
+    + [SRC / f for f in ("reward.py", "rollout.py", "sandbox.py", "formats.py", "models.py")] \
+    + [SRC / "data" / "tokenizer.py"]
+SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
+RL_SCRIPT = SCRIPTS / "rl.py"
+
+
+def rl_outputs():
+    return [f"{R}/rl/{c.id}/steps.parquet" for c in RL_CELLS.values()]
+
+
+def rl_spec(w) -> dict:
+    cell = RL_CELL.format(**w)
+    if cell not in RL_CELLS:
+        raise ValueError(f"{R}/rl/{cell} is not a cell of the grid (grid.algos, grid.exclude)")
+    return rl_settings.cell_spec(config, RL_CELLS[cell])
+
+
+def rl_prompts():
+    p = rl_settings.merged(config)["prompts"]
+    return f"{R}/data/source={p['source']}/{p.get('split') or 'train'}.parquet"
+
+
+# --- evaluate ---------------------------------------------------------------------------------
+
+EVAL_RL_CELL = RL_CELL
+EVAL_BASE_CELL = "mixture={mixture}/scale={scale}/algo=base/kl=0/seed={seed}"
+# Library code an evaluation depends on; modules still being written are listed once they exist.
+EVAL_SRC = [SRC / f for f in ("evaluate.py", "formats.py", "rollout.py", "reward.py", "sandbox.py", "models.py")
+            if (SRC / f).exists()]
+
+
+def eval_benchmark_file(w):
+    b = ec_eval.benchmarks(config)[w.benchmark]
+    return f"{R}/data/source={b['source']}/{b['split']}.parquet"
+
+
+def eval_outputs():
+    """metrics.parquet of every RL cell and every pretrained model, for each configured benchmark."""
+    names = list(ec_eval.benchmarks(config))
+    base = [f"{R}/eval/{EVAL_BASE_CELL.format(**vars(c))}/benchmark={b}/metrics.parquet"
+            for c in ec_grid.pretrain_cells(config) for b in names]
+    rl = [f"{R}/eval/{c.id}/benchmark={b}/metrics.parquet" for c in ec_grid.rl_cells(config) for b in names]
+    return base + rl
+
+
+# --- results ----------------------------------------------------------------------------------
+
+def store_inputs():
+    """Every per-cell parquet file the store is built from, by table."""
+    rl = ec_grid.rl_cells(config)
+    evals = eval_outputs()
+    return {
+        "curves": [f"{R}/pretrain/{c.id}/curve.parquet" for c in ec_grid.pretrain_cells(config)],
+        "steps": [f"{R}/rl/{c.id}/steps.parquet" for c in rl],
+        "samples": [f"{R}/rl/{c.id}/samples.parquet" for c in rl],
+        "evals": evals,
+        "generations": [f[: -len("metrics.parquet")] + "generations.parquet" for f in evals],
+    }
+
+
+def store_cells():
+    """The grid's cells as coordinates; base models are algo=base, kl=0."""
+    base = [dict(mixture=c.mixture, scale=c.scale, algo="base", kl=0.0, seed=c.seed)
+            for c in ec_grid.pretrain_cells(config)]
+    return base + [c.as_dict() for c in ec_grid.rl_cells(config)]
+
+
+def results_outputs():
+    return [f"{R}/echo.duckdb", f"{R}/report.html", f"{R}/summary.txt"]

@@ -1,8 +1,9 @@
 # Data stage: each source's splits in the shared schema, and the tokenizer over the mixtures' text.
-from echochamber.data.sources import source_spec
 
 
 rule source:
+    conda:
+        CONDA_ENV
     output:
         train=f"{R}/data/source={{source}}/train.parquet",
         test=f"{R}/data/source={{source}}/test.parquet",
@@ -21,6 +22,8 @@ rule source:
 
 
 rule tokenizer:
+    conda:
+        CONDA_ENV
     output:
         f"{R}/tokenizer/tokenizer_config.json",
     input:

@@ -1,26 +1,10 @@
 # Pretraining stage: each mixture packed into token shards, then one model per (mixture, scale, seed),
 # trained by `accelerate launch` with the process count from the rule's resources (pretrain.processes).
-import json
-import shlex
-
-from echochamber import pretrain as ec_pretrain
-
-try:
-    ec_pretrain.check_config(config)
-except ec_config.ConfigError as e:
-    sys.exit(f"Config error: {e}")
-
-PRETRAIN_CELL = f"{R}/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}"
-
-
-def pretrain_outputs():
-    """Every pretrain cell's checkpoint folder and loss curve (for rule all)."""
-    cells = ec_grid.pretrain_cells(config)
-    return ([f"{R}/pretrain/{c.id}/model" for c in cells]
-            + [f"{R}/pretrain/{c.id}/curve.parquet" for c in cells])
 
 
 rule mixture:
+    conda:
+        CONDA_ENV
     output:
         f"{R}/mixtures/mixture={{mixture}}/manifest.json",
     input:
@@ -41,6 +25,8 @@ rule mixture:
 
 
 rule pretrain:
+    conda:
+        CONDA_ENV
     output:
         model=directory(f"{PRETRAIN_CELL}/model"),
         curve=f"{PRETRAIN_CELL}/curve.parquet",
@@ -63,6 +49,7 @@ rule pretrain:
     benchmark:
         f"{R}/benchmarks/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}.tsv"
     shell:
-        "{PY} -m accelerate.commands.launch {params.launch} {workflow.basedir}/workflow_scripts/pretrain.py"
+        # (--lint: the script's path comes from workflow.basedir; it is the same file in every job)
+        "python -m accelerate.commands.launch {params.launch} {workflow.basedir}/workflow_scripts/pretrain.py"
         " --settings {params.settings} --mixture $(dirname {input.mixture})"
         " --tokenizer $(dirname {input.tokenizer}) --out {params.cell} --threads {threads} > {log} 2>&1"

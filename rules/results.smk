@@ -2,31 +2,9 @@
 # explicit list of per-cell parquet files; the report rule draws the figures and report.html from it.
 
 
-def store_inputs():
-    """Every per-cell parquet file the store is built from, by table."""
-    rl = ec_grid.rl_cells(config)
-    evals = eval_outputs()
-    return {
-        "curves": [f"{R}/pretrain/{c.id}/curve.parquet" for c in ec_grid.pretrain_cells(config)],
-        "steps": [f"{R}/rl/{c.id}/steps.parquet" for c in rl],
-        "samples": [f"{R}/rl/{c.id}/samples.parquet" for c in rl],
-        "evals": evals,
-        "generations": [f[: -len("metrics.parquet")] + "generations.parquet" for f in evals],
-    }
-
-
-def store_cells():
-    """The grid's cells as coordinates; base models are algo=base, kl=0."""
-    base = [dict(mixture=c.mixture, scale=c.scale, algo="base", kl=0.0, seed=c.seed)
-            for c in ec_grid.pretrain_cells(config)]
-    return base + [c.as_dict() for c in ec_grid.rl_cells(config)]
-
-
-def results_outputs():
-    return [f"{R}/echo.duckdb", f"{R}/report.html", f"{R}/summary.txt"]
-
-
 rule ingest:
+    conda:
+        CONDA_ENV
     output:
         # update(): Snakemake keeps the previous store while the job runs (no deletion first); the
         # script replaces it atomically, so readers always see a complete database.
@@ -46,6 +24,8 @@ rule ingest:
 
 
 rule report:
+    conda:
+        CONDA_ENV
     output:
         html=f"{R}/report.html",
         summary=f"{R}/summary.txt",
