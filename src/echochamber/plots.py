@@ -104,6 +104,7 @@ def _steps_axis(ax, steps) -> None:
     ax.set_xlabel("RL step")
     if len(steps) and max(steps) > 20:
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(0, max(steps) * 1.1)  # no negative margin on the symlog axis
 
 
 def draw_shares(ax, df: pd.DataFrame, rollouts: pd.DataFrame | None = None) -> None:
