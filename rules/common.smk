@@ -27,7 +27,8 @@ R = config["results"]
 # Library sources a rule's results depend on: editing them reruns that stage (see rules' inputs).
 SRC = Path(workflow.basedir) / "src" / "echochamber"
 # Jobs may run in the conda env of envs/ (--sdm conda), which holds the dependencies, not the package.
-CONDA_ENV = str(Path(workflow.basedir) / "envs" / "echochamber.yaml")
+# (found beside the package, so a Snakefile symlinked elsewhere still finds it)
+CONDA_ENV = str(Path(ec_config.__file__).resolve().parents[2] / "envs" / "echochamber.yaml")
 # (--lint asks for an envvars directive here; these are set by the workflow itself, not required from users.)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC.parent), os.environ.get("PYTHONPATH")]))
 # `python` in shell rules is this interpreter (the venv's), or the conda env's under --sdm conda.

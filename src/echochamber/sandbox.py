@@ -232,8 +232,12 @@ class _Confinement:
         """Cover the world-writable directories with private tmpfs mounts, seen by this worker only."""
         if self.libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
             return self.filesystem
-        covered = [d for d in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(d) and self.libc.mount(
-            b"tmpfs", d.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=64m,mode=1777") == 0]
+        # A directory holding this interpreter's own libraries (a venv under /tmp) stays visible.
+        libs = [os.path.realpath(p) for p in [sys.prefix, *sys.path] if p]
+        covered = [d for d in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(d)
+                   and not any(lib == d or lib.startswith(d + "/") for lib in libs)
+                   and self.libc.mount(b"tmpfs", d.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
+                                       b"size=64m,mode=1777") == 0]
         return f"private tmpfs over {', '.join(covered)}" if covered else self.filesystem
 
     # -- every time, in the child ---------------------------------------------------------------------
