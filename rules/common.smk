@@ -119,11 +119,9 @@ def rl_prompts():
 
 # --- evaluate ---------------------------------------------------------------------------------
 
-EVAL_RL_CELL = RL_CELL
 EVAL_BASE_CELL = "mixture={mixture}/scale={scale}/algo=base/kl=0/seed={seed}"
-# Library code an evaluation depends on; modules still being written are listed once they exist.
-EVAL_SRC = [SRC / f for f in ("evaluate.py", "formats.py", "rollout.py", "reward.py", "sandbox.py", "models.py")
-            if (SRC / f).exists()]
+# Library code an evaluation depends on: editing it reruns the evaluations.
+EVAL_SRC = [SRC / f for f in ("evaluate.py", "formats.py", "rollout.py", "reward.py", "sandbox.py", "models.py")]
 
 
 def eval_benchmark_file(w):

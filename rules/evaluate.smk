@@ -6,21 +6,21 @@ rule eval_rl:
     conda:
         CONDA_ENV
     output:
-        metrics=f"{R}/eval/{EVAL_RL_CELL}/benchmark={{benchmark}}/metrics.parquet",
-        generations=f"{R}/eval/{EVAL_RL_CELL}/benchmark={{benchmark}}/generations.parquet",
+        metrics=f"{R}/eval/{RL_CELL}/benchmark={{benchmark}}/metrics.parquet",
+        generations=f"{R}/eval/{RL_CELL}/benchmark={{benchmark}}/generations.parquet",
     input:
         EVAL_SRC,
-        steps=f"{R}/rl/{EVAL_RL_CELL}/steps.parquet",
-        checkpoints=f"{R}/rl/{EVAL_RL_CELL}/checkpoints",
+        steps=f"{R}/rl/{RL_CELL}/steps.parquet",
+        checkpoints=f"{R}/rl/{RL_CELL}/checkpoints",
         benchmark=eval_benchmark_file,
     params:
-        checkpoints=lambda w: f"{R}/rl/{EVAL_RL_CELL.format(**w)}",   # its checkpoints/step=T/ folders
+        checkpoints=lambda w: f"{R}/rl/{RL_CELL.format(**w)}",   # its checkpoints/step=T/ folders
         settings=lambda w: ec_eval.settings_from_config(config, int(w.seed)),
     threads: 1
     log:
-        f"{R}/logs/eval/{EVAL_RL_CELL}/benchmark={{benchmark}}.log",
+        f"{R}/logs/eval/{RL_CELL}/benchmark={{benchmark}}.log",
     benchmark:
-        f"{R}/benchmarks/eval/{EVAL_RL_CELL}/benchmark={{benchmark}}.tsv"
+        f"{R}/benchmarks/eval/{RL_CELL}/benchmark={{benchmark}}.tsv"
     script:
         "../workflow_scripts/evaluate_cell.py"
 

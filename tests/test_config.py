@@ -29,6 +29,8 @@ BAD = {
     "negative_kl": (lambda c: c["grid"]["algos"]["ppo"].update(kl=[-0.1]), ["grid.algos.ppo.kl", ">= 0"]),
     "heads_do_not_divide": (lambda c: c["scales"]["s"].update(n_heads=3), ["scales.s", "divisible"]),
     "wrong_type": (lambda c: c["pretrain"].update(lr="fast"), ["pretrain.lr", "number"]),
+    "unknown_rl_prompt_source": (lambda c: c["rl"]["prompts"].update(source="gsm9k"), ["rl.prompts.source", "gsm9k", "data.sources"]),
+    "unknown_benchmark_source": (lambda c: c["eval"]["benchmarks"]["test"].update(source="math"), ["eval.benchmarks.test.source", "math"]),
     "unknown_precision": (lambda c: c["pretrain"].update(precision="fp8"), ["pretrain.precision", "bf16"]),
 }
 

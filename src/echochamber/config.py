@@ -100,14 +100,13 @@ def _check_references(config: dict, origin: str) -> None:
             if scale not in config["scales"]:
                 raise ConfigError(f"{origin}: base_models.{mixture}: unknown scale {scale!r}; "
                                   f"defined in scales: {', '.join(map(str, config['scales']))}")
-    for section, key in (("rl", "prompts"),):
-        ref = config.get(section, {}).get(key)
-        if ref and ref["source"] not in sources:
-            raise ConfigError(f"{origin}: {section}.{key}.source: unknown source {ref['source']!r}; "
-                              f"defined in data.sources: {', '.join(sources)}")
-    for bench, spec in config.get("eval", {}).get("benchmarks", {}).items():
-        if spec["source"] not in sources:
-            raise ConfigError(f"{origin}: eval.benchmarks.{bench}.source: unknown source {spec['source']!r}; "
+    refs = {f"eval.benchmarks.{b}.source": spec["source"]
+            for b, spec in config.get("eval", {}).get("benchmarks", {}).items()}
+    if config.get("rl", {}).get("prompts"):
+        refs["rl.prompts.source"] = config["rl"]["prompts"]["source"]
+    for field, src in refs.items():
+        if src not in sources:
+            raise ConfigError(f"{origin}: {field}: unknown source {src!r}; "
                               f"defined in data.sources: {', '.join(sources)}")
     for name, scale in config["scales"].items():
         if scale["d_model"] % scale["n_heads"]:
