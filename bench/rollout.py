@@ -3,7 +3,7 @@
 CPU (mini scales, minutes):   python bench/rollout.py
 GPU (150M, under 4 minutes):  python bench/rollout.py --device cuda --scale 150M
 
-Random-init OLMo models; EOS is disabled so every row generates exactly --new-tokens tokens. Each
+Random-init OLMo models of config.yaml's scale ladder; EOS is disabled so every row generates exactly --new-tokens tokens. Each
 implementation is timed --repeats times (interleaved) and the best run is reported: wall time on CUDA,
 process CPU time on CPU (one torch thread by default). On CUDA a first section checks the engine against
 an HF forward pass (log-probs of sampled tokens, fp32 and bf16, eager and CUDA graphs).
@@ -19,36 +19,29 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import OlmoConfig, OlmoForCausalLM
+import yaml
+from transformers import OlmoForCausalLM
 
+from echochamber import models
 from echochamber.rollout import RolloutBatch, RolloutEngine, SamplingParams, hf_generate
 
-SCALES = {  # name: (d_model, layers, heads, mlp hidden, vocab, tied)
-    "d128": (128, 4, 4, 512, 1024, False),
-    "d256": (256, 6, 8, 1024, 1024, False),
-    "150M": (768, 12, 12, 3072, 32000, False),
-    "1B": (2048, 16, 16, 8192, 32000, True),
-}
-DEFAULTS = {  # device: (scales, batch, prompt tokens, new tokens)
-    "cpu": (["d128", "d256"], 64, 32, 128),
+DEFAULTS = {  # device: (scales of config.yaml's ladder, batch, prompt tokens, new tokens)
+    "cpu": (["xs", "s", "m"], 64, 32, 128),
     "cuda": (["150M"], 256, 128, 256),
 }
+VOCAB = {"cpu": 1024, "cuda": 32000}  # the embedded BPE tokenizer; Llama-2's (paper)
 PAD = 0
 
 
+def ladder() -> dict:
+    """The scale ladder of config.yaml (xs, s, m for the CPU; 150M and 1B as in the paper)."""
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())["scales"]
+
+
 def build_model(scale: str, device: str, dtype: torch.dtype) -> OlmoForCausalLM:
-    d, layers, heads, mlp, vocab, tied = SCALES[scale]
-    cfg = OlmoConfig(
-        vocab_size=vocab,
-        hidden_size=d,
-        intermediate_size=mlp,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=tied,
-        pad_token_id=PAD,
-        eos_token_id=None,
-    )
+    vocab = VOCAB[device]
+    cfg = models.olmo_config(ladder()[scale], vocab, eos_id=PAD, pad_id=PAD, max_len=2048)
+    cfg.eos_token_id = None  # no EOS: every row generates the full length
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: fast for 150M / 1B
         return OlmoForCausalLM(cfg).to(dtype).eval()
@@ -125,7 +118,7 @@ def bench_scale(scale: str, args) -> dict[str, float | None]:
     """Best tokens/s of each implementation (None when it failed)."""
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = build_model(scale, args.device, dtype)
-    vocab = SCALES[scale][4]
+    vocab = VOCAB[args.device]
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.7)
@@ -172,7 +165,7 @@ def bench_scale(scale: str, args) -> dict[str, float | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--scale", choices=list(SCALES), action="append", help="repeatable; default per device")
+    parser.add_argument("--scale", choices=list(ladder()), action="append", help="repeatable; default per device")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--prompt-len", type=int)
     parser.add_argument("--new-tokens", type=int)

@@ -33,16 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from echochamber import models  # noqa: E402
 from echochamber.pretrain import Trainer  # noqa: E402
 
-PAPER_SCALES = {  # PAPER.md, "Models"
-    "150M": {"d_model": 768, "n_layers": 12, "n_heads": 12, "mlp_hidden": 3072, "tie_embeddings": False},
-    "1B": {"d_model": 2048, "n_layers": 16, "n_heads": 16, "mlp_hidden": 8192, "tie_embeddings": True},
-}
 ANCHORS = {"150M": {"eager": 0.29, "compiled": 0.38}, "1B": {"eager": 0.45, "compiled": 0.52}}  # H200, plain loop
 TARGETS = {"150M": 0.45, "1B": 0.55}
 GPU_MICRO = {"150M": 16, "1B": 8}
 
 
-def mini_scales() -> dict:
+def ladder() -> dict:
+    """The scale ladder of config.yaml: the mini scales and the paper's 150M and 1B."""
     import yaml
 
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
@@ -118,7 +115,7 @@ def cpu_bench(args) -> dict:
     from accelerate import Accelerator
 
     torch.set_num_threads(args.threads)
-    scale = mini_scales()[args.scale]
+    scale = ladder()[args.scale]
     device = torch.device("cpu")
     base = make_model(scale, args.vocab, args.seq_len, "cpu")
     accelerator = Accelerator(cpu=True)
@@ -157,7 +154,7 @@ def cpu_bench(args) -> dict:
 def gpu_measure(name: str, scale_name: str, variant: str, args, accelerator) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    scale = {**mini_scales(), **PAPER_SCALES}[scale_name]
+    scale = ladder()[scale_name]
     micro_size = args.micro_batch_size or GPU_MICRO.get(scale_name, 16)
     n_micro = args.accumulation
     while True:

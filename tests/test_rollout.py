@@ -158,6 +158,14 @@ def test_batches_of_rows_give_the_same_result(model):
     assert_same(engine.generate(PROMPTS, GREEDY, batch_size=4), engine.generate(PROMPTS, GREEDY))
 
 
+def test_outputs_can_enter_a_training_graph(model):
+    """The engine decodes in inference mode, but a trainer saves its outputs for backward."""
+    batch = RolloutEngine(model, eos_id=NO_EOS, pad_id=PAD).generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    scale = torch.ones((), requires_grad=True)
+    (scale * batch.logprobs).sum().backward()  # fails on inference tensors
+    assert scale.grad == batch.logprobs.sum()
+
+
 def test_refresh_sees_in_place_updates():
     model = tiny_olmo(tied=True)
     engine = RolloutEngine(model, eos_id=NO_EOS, pad_id=PAD)

@@ -11,8 +11,10 @@ Sampling: temperature, then top-k (off when 0), then top-p (the smallest set of 
 probability reaches ``top_p``), then an exact inverse-CDF draw with an optional ``torch.Generator`` on the
 model's device. ``logprobs`` are always under the model at temperature 1.
 
-On CUDA the engine runs in bf16 by default; ``compile=True`` captures the decode step as CUDA graphs, one
-per (rows, attended blocks), with sampling left eager. On CPU ``compile=True`` runs the same fixed-buffer
+The loop runs in inference mode (the returned tensors are cloned out of it, so trainers can use them) and,
+in eager mode, writes the cache with plain slices. On CUDA the engine runs in bf16 by default;
+``compile=True`` captures the decode step as CUDA graphs, one per (rows, attended blocks), with sampling
+left eager. On CPU ``compile=True`` runs the same fixed-buffer
 step without capture, so that path is tested everywhere; the CPU default stays fp32 and exact.
 
 ``hf_generate`` is the reference (``transformers`` ``generate``); ``vllm_generate`` an optional backend.
@@ -95,7 +97,7 @@ def sample_tokens(
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.LongTensor) -> torch.Tensor:
-    return logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(dim=-1)
+    return logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -314,7 +316,9 @@ class RolloutEngine:
             raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
         step = batch_size or len(prompts)
         chunks = [prompts[i : i + step] for i in range(0, len(prompts), step)]
-        return _concat([self._generate(chunk, params, generator) for chunk in chunks], self.pad_id)
+        with torch.inference_mode():  # less dispatch work per op; the outputs are cloned out of it
+            batch = _concat([self._generate(chunk, params, generator) for chunk in chunks], self.pad_id)
+        return RolloutBatch(**{k: v.clone() for k, v in vars(batch).items()})
 
     # ------------------------------------------------------------------------------------ decode loop
 
@@ -419,25 +423,34 @@ class RolloutEngine:
         blocks = _blocks(write + 1)
         if self.runner is not None:
             return self.runner(tokens, positions, write, blocks)
-        write_at = torch.full((), write, dtype=torch.long, device=self.device)  # a fill, not a host copy
-        return self._step(tokens, positions, write_at, blocks)
+        return self._step(tokens, positions, write, blocks)
 
-    def _step(self, tokens, positions, write: torch.Tensor, blocks: int) -> torch.Tensor:
-        """One decode step: cache position ``write`` (a 0-dim tensor, so graphs can replay it) gets the new
-        keys and values, and attention reads the first ``blocks`` blocks."""
+    def _step(self, tokens, positions, write: int | torch.Tensor, blocks: int) -> torch.Tensor:
+        """One decode step: cache position ``write`` gets the new keys and values, and attention reads the
+        first ``blocks`` blocks. ``write`` is an int, or a 0-dim tensor on the graph path (replays change it)."""
         n, rows = tokens.shape[0], self.cache.shape[3]
-        block, offset = write // _BLOCK, write % _BLOCK
-        # flat index of (block, row, [kv head,] offset) in the bias and in one layer's keys as [-1, head_dim]
-        slot = block * rows + torch.arange(n, device=self.device)
-        self.bias.view(-1).index_fill_(0, slot * _BLOCK + offset, 0.0)
-        heads = torch.arange(self.kv_heads, device=self.device)
-        kv_slots = ((slot[:, None] * self.kv_heads + heads) * _BLOCK + offset).view(-1)
+        if isinstance(write, int):  # eager: plain slices
+            block, offset = divmod(write, _BLOCK)
+            self.bias[block, :n, offset] = 0.0
+
+            def store(cache, x):
+                cache[block, :n, :, offset] = x.view(n, self.kv_heads, self.head_dim)
+
+        else:  # flat index of (block, row, [kv head,] offset) in the bias and in one layer's keys
+            slot = write // _BLOCK * rows + torch.arange(n, device=self.device)
+            self.bias.view(-1).index_fill_(0, slot * _BLOCK + write % _BLOCK, 0.0)
+            heads = torch.arange(self.kv_heads, device=self.device)
+            kv_slots = ((slot[:, None] * self.kv_heads + heads) * _BLOCK + write % _BLOCK).view(-1)
+
+            def store(cache, x):
+                cache.view(-1, self.head_dim).index_copy_(0, kv_slots, x.reshape(-1, self.head_dim))
+
         bias = self.bias[:blocks, :n, None, None, :]  # [blocks, n, 1, 1, _BLOCK]
 
         def attend(layer, q, k, v):  # [n, 1, heads, head_dim]
             keys, values = self.cache[layer, 0], self.cache[layer, 1]
-            keys.view(-1, self.head_dim).index_copy_(0, kv_slots, k.reshape(-1, self.head_dim))
-            values.view(-1, self.head_dim).index_copy_(0, kv_slots, v.reshape(-1, self.head_dim))
+            store(keys, k)
+            store(values, v)
             return self._attend_blocks(q, keys[:blocks, :n], values[:blocks, :n], bias)
 
         return self._logits(self._forward(tokens[:, None], positions[:, None], attend))
