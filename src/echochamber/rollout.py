@@ -14,8 +14,8 @@ model's device. ``logprobs`` are always under the model at temperature 1.
 The loop runs in inference mode (the returned tensors are cloned out of it, so trainers can use them) and,
 in eager mode, writes the cache with plain slices. On CUDA the engine runs in bf16 by default;
 ``compile=True`` captures the decode step as CUDA graphs, one per (rows, attended blocks), with sampling
-left eager. On CPU ``compile=True`` runs the same fixed-buffer
-step without capture, so that path is tested everywhere; the CPU default stays fp32 and exact.
+left eager. On CPU ``compile=True`` runs the same fixed-buffer step without capture, so that path is
+tested everywhere; the CPU default stays fp32 and exact.
 
 ``hf_generate`` is the reference (``transformers`` ``generate``); ``vllm_generate`` an optional backend.
 """
