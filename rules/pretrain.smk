@@ -1,5 +1,6 @@
 # Pretraining stage: each mixture packed into token shards, then one model per (mixture, scale, seed),
-# trained by `accelerate launch` with the process count from the rule's resources (pretrain.processes).
+# trained by `accelerate launch` with the process count from the rule's resources: one process per GPU
+# (pretrain.gpus, per scale in pretrain.per_scale), or pretrain.processes on CPUs.
 
 
 rule mixture:
@@ -43,7 +44,8 @@ rule pretrain:
         cell=lambda w, output: str(Path(output.curve).parent),
     threads: ec_pretrain.threads(config)
     resources:
-        processes=ec_pretrain.processes(config),
+        processes=lambda w: ec_pretrain.processes(config, w.scale),
+        gpu=lambda w: ec_pretrain.gpus(config, w.scale),
     log:
         f"{R}/logs/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}.log",
     benchmark:

@@ -32,6 +32,8 @@ BAD = {
     "unknown_rl_prompt_source": (lambda c: c["rl"]["prompts"].update(source="gsm9k"), ["rl.prompts.source", "gsm9k", "data.sources"]),
     "unknown_benchmark_source": (lambda c: c["eval"]["benchmarks"]["test"].update(source="math"), ["eval.benchmarks.test.source", "math"]),
     "unknown_precision": (lambda c: c["pretrain"].update(precision="fp8"), ["pretrain.precision", "bf16"]),
+    "per_scale_unknown_scale": (lambda c: c["pretrain"].update(per_scale={"xxl": {"gpus": 2}}), ["pretrain.per_scale", "xxl"]),
+    "per_scale_unknown_key": (lambda c: c["pretrain"].update(per_scale={"s": {"lr": 1.0}}), ["pretrain.per_scale.s", "lr", "allowed keys"]),
 }
 
 

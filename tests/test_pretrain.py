@@ -114,6 +114,25 @@ def test_settings_carry_what_training_uses_and_check_config_catches_bad_batches(
     assert "--multi_gpu" not in P.launch_args(1) and "--num_processes 2 " in P.launch_args(2) + " "
 
 
+def test_per_scale_settings_change_only_their_scale():
+    """The paper's shape: 150M on 4 GPUs, 1B on 8 with half the micro-batch, the same global batch."""
+    big = {**TINY, "d_model": 128}
+    cfg = {"pretrain": {"batch_size": 512, "micro_batch_size": 16, "gpus": 4, "processes": 1,
+                        "per_scale": {"b": {"gpus": 8, "micro_batch_size": 8}}},
+           "scales": {"s": TINY, "b": big}, "grid": {"scales": ["s", "b"]}}
+    assert (P.gpus(cfg, "s"), P.processes(cfg, "s")) == (4, 4)
+    assert (P.gpus(cfg, "b"), P.processes(cfg, "b")) == (8, 8)
+    small, large = P.settings(cfg, "s", 0), P.settings(cfg, "b", 0)
+    assert small["micro_batch_size"] == 16 and large["micro_batch_size"] == 8
+    assert not {"gpus", "per_scale", "processes"} & set(large)  # job keys rerun nothing
+    P.check_config(cfg)
+    cfg["pretrain"]["per_scale"]["b"]["micro_batch_size"] = 48
+    with pytest.raises(ConfigError, match=r"48 x 8 at scale b"):
+        P.check_config(cfg)
+    del cfg["pretrain"]["gpus"], cfg["pretrain"]["per_scale"]  # a CPU config: gloo processes, no GPUs
+    assert (P.gpus(cfg, "s"), P.processes(cfg, "s")) == (0, 1)
+
+
 def test_a_job_launches_one_process_per_allocated_gpu_else_the_configured_count():
     from types import SimpleNamespace as NS
 

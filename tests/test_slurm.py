@@ -27,8 +27,8 @@ def test_slurm_profile_leaves_cluster_choices_to_the_user_and_gives_gpu_jobs_one
     assert "slurm_partition" not in p["default-resources"] and "slurm_account" not in p["default-resources"]
     text = (PROFILE / "config.yaml").read_text()
     assert re.search(r"#\s*slurm_partition:", text) and re.search(r"#\s*slurm_account:", text)
-    gpu_rules = {rule for rule, res in p["set-resources"].items() if res.get("gpu")}
-    assert {"pretrain", "rl"} <= gpu_rules
+    gpu_rules = {rule for rule, res in p["set-resources"].items() if res.get("gpu")} | {"pretrain"}
+    assert "rl" in gpu_rules and "gpu" not in p["set-resources"]["pretrain"]  # pretrain: from the config
     for rule in gpu_rules:
         res = p["set-resources"][rule]
         # one task per job: accelerate spawns the ranks (`tasks` would become --ntasks-per-gpu)
@@ -50,6 +50,11 @@ def test_paper_config_is_complete_and_replaces_the_embedded_default(tmp_path):
                     "--config", f"results={tmp_path / 'results'}", cwd=tmp_path)
     out = dry.stdout + dry.stderr
     assert set(re.findall(r"source=(\w+)/train\.parquet", out)) == set(grid.sources_needed(cfg))
+    # each pretraining job asks Slurm for its scale's GPUs and launches one process per GPU
+    jobs = re.findall(r"rule pretrain:.*?scale=(\w+).*?gpu=(\d+).*?--num_processes (\d+).*?"
+                      r'"micro_batch_size": (\d+)', out, flags=re.S)
+    assert len(jobs) == 22
+    assert set(jobs) == {("150M", "4", "4", "16"), ("1B", "8", "8", "8")}
 
 
 def _test_cluster_overrides(p: dict) -> list[str]:

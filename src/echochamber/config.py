@@ -100,6 +100,10 @@ def _check_references(config: dict, origin: str) -> None:
             if scale not in config["scales"]:
                 raise ConfigError(f"{origin}: base_models.{mixture}: unknown scale {scale!r}; "
                                   f"defined in scales: {', '.join(map(str, config['scales']))}")
+    for scale in config.get("pretrain", {}).get("per_scale", {}):
+        if scale not in config["scales"]:
+            raise ConfigError(f"{origin}: pretrain.per_scale: unknown scale {scale!r}; "
+                              f"defined in scales: {', '.join(map(str, config['scales']))}")
     refs = {f"eval.benchmarks.{b}.source": spec["source"]
             for b, spec in config.get("eval", {}).get("benchmarks", {}).items()}
     if config.get("rl", {}).get("prompts"):

@@ -42,7 +42,7 @@ DEFAULTS = {
     "min_lr_ratio": 0.1, "grad_clip": 1.0, "save_every": 200, "precision": "fp32", "compile": False,
 }
 # How a job runs, not what it computes: rule resources, not training settings.
-JOB_KEYS = ("processes", "threads")
+JOB_KEYS = ("processes", "gpus", "threads", "per_scale")
 # Settings that cannot change the numbers, left out of the resume fingerprint.
 RUNTIME_ONLY = ("save_every",)
 CURVE_COLUMNS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s")
@@ -57,21 +57,33 @@ class PretrainError(RuntimeError):
 
 # ----------------------------------------------------------------------------- config helpers
 
+def section(config: dict, scale: str) -> dict:
+    """The pretrain section as one scale sees it: ``pretrain.per_scale.<scale>`` over the rest."""
+    p = dict(config.get("pretrain", {}))
+    return {**p, **p.pop("per_scale", {}).get(scale, {})}
+
+
 def settings(config: dict, scale: str, seed: int) -> dict:
     """Everything one cell's training depends on: the pretrain section (defaults filled), the scale and
-    the seed. ``processes`` and ``threads`` are left out: they only change how the same global batch
-    is computed, so editing them reruns nothing."""
-    p = {**DEFAULTS, **{k: v for k, v in config.get("pretrain", {}).items() if k not in JOB_KEYS}}
+    the seed. The job keys (processes, GPUs, threads) are left out: they only change how the same
+    global batch is computed, so editing them reruns nothing."""
+    p = {**DEFAULTS, **{k: v for k, v in section(config, scale).items() if k not in JOB_KEYS}}
     return {**p, "scale": dict(config["scales"][scale]), "scale_name": scale, "seed": int(seed)}
 
 
-def processes(config: dict) -> int:
-    return int(config.get("pretrain", {}).get("processes", 1))
+def gpus(config: dict, scale: str) -> int:
+    """GPUs of one pretraining job of this scale (the rule's ``gpu`` resource); 0 runs on CPUs."""
+    return int(section(config, scale).get("gpus", 0))
+
+
+def processes(config: dict, scale: str) -> int:
+    """Processes of one pretraining job of this scale: one per GPU, else ``processes`` on CPUs."""
+    return gpus(config, scale) or int(section(config, scale).get("processes", 1))
 
 
 def job_processes(resources) -> int:
-    """Processes to launch for a job: one per GPU when the scheduler allocated GPUs (resource ``gpu``, as
-    the Slurm profile sets it), else the ``processes`` resource (pretrain.processes)."""
+    """Processes to launch for a job: one per GPU when the job holds GPUs (resource ``gpu``: pretrain.gpus,
+    or a ``--set-resources pretrain:gpu=N`` override), else the ``processes`` resource."""
     gpu = int(getattr(resources, "gpu", 0) or 0)
     return gpu if gpu > 0 else int(resources.processes)
 
@@ -84,12 +96,12 @@ def check_config(config: dict, origin: str = "config") -> None:
     """Cross-field checks the schema cannot express; raise ``ConfigError`` with one sentence."""
     from echochamber.config import ConfigError
 
-    p = {**DEFAULTS, **config.get("pretrain", {})}
-    per_step = p["micro_batch_size"] * processes(config)
-    if p["batch_size"] % per_step:
-        raise ConfigError(f"{origin}: pretrain.batch_size {p['batch_size']} is not a multiple of "
-                          f"micro_batch_size x processes = {p['micro_batch_size']} x {processes(config)}")
     for name in sorted(set(config["grid"]["scales"])):
+        p = {**DEFAULTS, **section(config, name)}
+        n = processes(config, name)
+        if p["batch_size"] % (p["micro_batch_size"] * n):
+            raise ConfigError(f"{origin}: pretrain.batch_size {p['batch_size']} is not a multiple of "
+                              f"micro_batch_size x processes = {p['micro_batch_size']} x {n} at scale {name}")
         context = config["scales"][name].get("context")
         if context and context < p["seq_len"]:
             raise ConfigError(f"{origin}: scales.{name}.context {context} is shorter than "
