@@ -1,6 +1,25 @@
-# Pretraining stage: each mixture packed into token shards, then one model per (mixture, scale, seed),
+# Pretraining stage: each source tokenized once, each mixture packed from them, then one model per
+# (mixture, scale, seed),
 # trained by `accelerate launch` with the process count from the rule's resources: one process per GPU
 # (pretrain.gpus, per scale in pretrain.per_scale), or pretrain.processes on CPUs.
+
+
+rule tokens:
+    conda:
+        CONDA_ENV
+    output:
+        f"{R}/tokens/source={{source}}/manifest.json",
+    input:
+        SRC / "data" / "mixture.py",
+        SRC / "formats.py",
+        tokenizer=f"{R}/tokenizer/tokenizer_config.json",
+        train=f"{R}/data/source={{source}}/train.parquet",
+    log:
+        f"{R}/logs/tokens/source={{source}}.log",
+    benchmark:
+        f"{R}/benchmarks/tokens/source={{source}}.tsv"
+    script:
+        "../workflow_scripts/tokenize_source.py"
 
 
 rule mixture:
@@ -10,9 +29,7 @@ rule mixture:
         f"{R}/mixtures/mixture={{mixture}}/manifest.json",
     input:
         SRC / "data" / "mixture.py",
-        SRC / "formats.py",
-        tokenizer=f"{R}/tokenizer/tokenizer_config.json",
-        train=lambda w: [f"{R}/data/source={s}/train.parquet" for s in config["mixtures"][w.mixture]],
+        tokens=lambda w: [f"{R}/tokens/source={s}/manifest.json" for s in config["mixtures"][w.mixture]],
     params:
         weights=lambda w: config["mixtures"][w.mixture],
         sources=lambda w: list(config["mixtures"][w.mixture]),

@@ -105,8 +105,9 @@ def test_base_model_rule_materialises_the_cell_instead_of_pretraining(tmp_path, 
     # the whole grid: no data for the mixture, no tokenizer, no mixture, no pretraining; RL from the cell
     plan = snakemake("-n", "--quiet", "rules", f"--configfile={path}", cwd=tmp_path).stdout
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.split("Job stats:")[1], re.MULTILINE))
-    assert {k: jobs.get(k) for k in ("base_model", "pretrain", "mixture", "tokenizer", "source", "rl")} == {
-        "base_model": "1", "pretrain": None, "mixture": None, "tokenizer": None, "source": "1", "rl": "1"}
+    assert {k: jobs.get(k) for k in ("base_model", "pretrain", "mixture", "tokens", "tokenizer", "source", "rl")} == {
+        "base_model": "1", "pretrain": None, "mixture": None, "tokens": None, "tokenizer": None, "source": "1",
+        "rl": "1"}
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = snakemake("--cores", "1", f"--configfile={path}", str(cell / "model"), str(cell / "curve.parquet"),

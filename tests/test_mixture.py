@@ -15,14 +15,18 @@ N = {"tg": 40, "omi2": 30}
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    """Two synthetic sources, a BPE tokenizer, and each source tokenized once (as rule `tokens` does)."""
     root = tmp_path_factory.mktemp("mixture")
-    files, rows = {}, {}
+    files, rows, tokens = {}, {}, {}
     for src, render in (("tg", "tinygsm"), ("omi2", "omi2")):
         rows[src] = synthetic.generate(src, render, "train", N[src], seed=0, difficulty=synthetic.Difficulty())
         files[src] = root / f"{src}.parquet"
         synthetic.write_parquet(rows[src], files[src])
     tok = ec_tokenizer.train_bpe(ec_tokenizer.documents(files.values()), 300)
-    return root, files, rows, tok
+    for src, path in files.items():
+        tokens[src] = root / "tokens" / f"source={src}"
+        M.tokenize_source(src, path, tok, tokens[src], tokenizer_path=root / "tok")
+    return root, files, rows, tok, tokens
 
 
 def _docs(rows):
@@ -60,9 +64,9 @@ def test_token_dtype_fits_the_vocabulary():
 
 
 def test_mixture_packs_documents_with_eos_and_no_bos_and_repeats_by_weight(world, tmp_path):
-    root, files, rows, tok = world
+    root, files, rows, tok, tokens = world
     out = tmp_path / "mixture=m"
-    man = M.build("m", {"tg": 2.5, "omi2": 1}, files, tok, out, seed=0, tokenizer_path=root / "tok")
+    man = M.build("m", {"tg": 2.5, "omi2": 1}, tokens, out, seed=0)
     assert json.loads((out / M.MANIFEST).read_text()) == man
     eos = tok.eos_token_id
     tg = man["sources"]["tg"]
@@ -74,42 +78,60 @@ def test_mixture_packs_documents_with_eos_and_no_bos_and_repeats_by_weight(world
     assert man["tokenizer"]["path"] == str(root / "tok") and man["dtype"] == "uint16"
 
     stream = M.TokenStream(out)
-    tokens = stream.read(0, stream.n_tokens)
+    tokens_read = stream.read(0, stream.n_tokens)
     assert stream.n_tokens == man["tokens"] == sum(s["tokens"] for s in man["sources"].values())
-    got = _split_docs(tokens, eos)
+    got = _split_docs(tokens_read, eos)
     expected_ids = [tok(d, add_special_tokens=False)["input_ids"] for d in _docs(rows["tg"])]
     assert got[:N["tg"]] == expected_ids and got[N["tg"]:2 * N["tg"]] == expected_ids    # two whole copies
     half = got[2 * N["tg"]:tg["documents"]]
     assert len(half) == N["tg"] // 2 and all(d in expected_ids for d in half)              # a subset of tg
     assert [tok.decode(d) for d in got[tg["documents"]:]] == _docs(rows["omi2"])
     assert all(d and d[0] != eos for d in got)                                              # no BOS
-    # The repeats are read twice from one file, not stored twice.
-    files_on_disk = sorted(p.name for p in out.glob("*.bin"))
-    assert files_on_disk == ["omi2.full.000.bin", "tg.full.000.bin", "tg.part.000.bin"]
-    assert [s["file"] for s in man["segments"]].count("tg.full.000.bin") == 2
-    counts = np.bincount(tokens, minlength=len(tok))
+    # Whole copies are the source's own shard, read twice; the mixture stores only its subset.
+    assert sorted(p.name for p in out.iterdir()) == [M.MANIFEST, "tg.part.000.bin"]
+    tg_shard = [s["file"] for s in man["segments"] if s["source"] == "tg"][0]
+    assert (out / tg_shard).resolve() == (tokens["tg"] / "tg.000.bin").resolve()
+    assert [s["file"] for s in man["segments"]].count(tg_shard) == 2
+    counts = np.bincount(tokens_read, minlength=len(tok))
     assert man["unigram_entropy"] == pytest.approx(M.unigram_entropy(counts))
 
 
+def test_a_source_is_tokenized_once_for_every_mixture(world, tmp_path):
+    root, files, rows, tok, tokens = world
+    info = M.read_manifest(tokens["tg"])
+    assert info["documents"] == N["tg"] and info["source"] == "tg"
+    assert np.load(tokens["tg"] / M.LENGTHS).sum() == info["tokens"]
+    a = M.build("a", {"tg": 1}, tokens, tmp_path / "a", seed=0)
+    b = M.build("b", {"tg": 4, "omi2": 1}, tokens, tmp_path / "b", seed=0)
+    assert not list((tmp_path / "a").glob("*.bin")) and not list((tmp_path / "b").glob("*.bin"))
+    assert b["sources"]["tg"]["tokens"] == 4 * a["tokens"]
+    one = M.TokenStream(tmp_path / "a")
+    assert np.array_equal(M.TokenStream(tmp_path / "b").read(3 * one.n_tokens, one.n_tokens),
+                          one.read(0, one.n_tokens))
+
+
 def test_mixture_is_deterministic_and_the_seed_moves_the_fraction(world, tmp_path):
-    root, files, _, tok = world
+    root, files, _, tok, tokens = world
+    M.tokenize_source("tg", files["tg"], tok, tmp_path / "tg7", batch_rows=7)              # other batching
     weights = {"tg": 0.5, "omi2": 1}
-    a = M.build("m", weights, files, tok, tmp_path / "a", seed=0)
-    b = M.build("m", weights, files, tok, tmp_path / "b", seed=0, batch_rows=7)       # other batching
-    c = M.build("m", weights, files, tok, tmp_path / "c", seed=1)
+    a = M.build("m", weights, tokens, tmp_path / "a", seed=0)
+    b = M.build("m", weights, {**tokens, "tg": tmp_path / "tg7"}, tmp_path / "b", seed=0)
+    c = M.build("m", weights, tokens, tmp_path / "c", seed=1)
     read = lambda d: M.TokenStream(d).read(0, M.TokenStream(d).n_tokens)             # noqa: E731
     assert np.array_equal(read(tmp_path / "a"), read(tmp_path / "b"))
-    assert a["sources"] == b["sources"]
     assert not np.array_equal(read(tmp_path / "a"), read(tmp_path / "c"))
     assert a["sources"]["tg"]["documents"] == c["sources"]["tg"]["documents"] == N["tg"] // 2
 
 
 def test_small_shards_read_as_the_same_stream(world, tmp_path):
-    root, files, _, tok = world
-    M.build("m", {"tg": 1, "omi2": 2}, files, tok, tmp_path / "one", seed=0)
-    M.build("m", {"tg": 1, "omi2": 2}, files, tok, tmp_path / "many", seed=0, shard_tokens=500, batch_rows=5)
+    root, files, _, tok, tokens = world
+    small = {src: tmp_path / f"small-{src}" for src in files}
+    for src, path in files.items():
+        M.tokenize_source(src, path, tok, small[src], shard_tokens=500, batch_rows=5)
+    M.build("m", {"tg": 1.5, "omi2": 2}, tokens, tmp_path / "one", seed=0)
+    M.build("m", {"tg": 1.5, "omi2": 2}, small, tmp_path / "many", seed=0)
     one, many = M.TokenStream(tmp_path / "one"), M.TokenStream(tmp_path / "many")
-    assert len(list((tmp_path / "many").glob("tg.full.*.bin"))) > 1
+    assert len(list(small["tg"].glob("tg.*.bin"))) > 1
     assert one.n_tokens == many.n_tokens
     full = one.read(0, one.n_tokens)
     assert np.array_equal(full, many.read(0, many.n_tokens))
@@ -120,26 +142,42 @@ def test_small_shards_read_as_the_same_stream(world, tmp_path):
     assert np.array_equal(seqs[0], full[3 * 64:4 * 64]) and many.n_sequences(64) == many.n_tokens // 64
 
 
-def test_missing_source_file_stops_with_one_sentence_naming_the_path(world, tmp_path):
-    root, files, _, tok = world
+def test_missing_source_file_or_tokens_stop_with_one_sentence_naming_the_path(world, tmp_path):
+    root, files, _, tok, tokens = world
     missing = tmp_path / "data" / "source=omi1" / "train.parquet"
     with pytest.raises(M.MixtureError) as err:
-        M.build("m", {"tg": 1, "omi1": 1}, {**files, "omi1": missing}, tok, tmp_path / "out", seed=0)
+        M.tokenize_source("omi1", missing, tok, tmp_path / "tokens")
     msg = str(err.value)
     assert str(missing) in msg and "omi1" in msg and "\n" not in msg
+    assert not (tmp_path / "tokens").exists()
+    nowhere = tmp_path / "tokens" / "source=omi1"
+    with pytest.raises(M.MixtureError, match=str(nowhere)):
+        M.build("m", {"tg": 1, "omi1": 1}, {**tokens, "omi1": nowhere}, tmp_path / "out", seed=0)
     assert not (tmp_path / "out").exists()
 
 
-def test_unreadable_source_and_damaged_mixture_are_reported_by_path(world, tmp_path):
-    root, files, _, tok = world
+def test_unreadable_source_and_damaged_tokens_are_reported_by_path(world, tmp_path):
+    root, files, _, tok, tokens = world
     bad = tmp_path / "bad.parquet"
     bad.write_text("not parquet")
     with pytest.raises(M.MixtureError, match=str(bad)):
-        M.build("m", {"tg": 1}, {"tg": bad}, tok, tmp_path / "out", seed=0)
-    M.build("m", {"tg": 1}, files, tok, tmp_path / "ok", seed=0)
-    shard = tmp_path / "ok" / "tg.full.000.bin"
+        M.tokenize_source("tg", bad, tok, tmp_path / "bad-tokens")
+    M.tokenize_source("tg", files["tg"], tok, tmp_path / "tg")
+    M.build("m", {"tg": 1}, {"tg": tmp_path / "tg"}, tmp_path / "ok", seed=0)
+    shard = tmp_path / "tg" / "tg.000.bin"
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(M.MixtureError, match=str(shard)):
+    with pytest.raises(M.MixtureError, match="token shard .*tg.000.bin is missing or truncated"):
         M.TokenStream(tmp_path / "ok")
+    (tmp_path / "tg" / M.COUNTS).unlink()
+    with pytest.raises(M.MixtureError, match=str(tmp_path / "tg" / M.COUNTS)):
+        M.build("m", {"tg": 1}, {"tg": tmp_path / "tg"}, tmp_path / "ok2", seed=0)
     with pytest.raises(M.MixtureError, match=str(tmp_path / "nowhere")):
         M.TokenStream(tmp_path / "nowhere")
+
+
+def test_sources_tokenized_with_different_tokenizers_do_not_mix(world, tmp_path):
+    root, files, _, tok, tokens = world
+    other = ec_tokenizer.train_bpe(ec_tokenizer.documents([files["omi2"]]), 280)
+    M.tokenize_source("omi2", files["omi2"], other, tmp_path / "omi2")
+    with pytest.raises(M.MixtureError, match="another tokenizer"):
+        M.build("m", {"tg": 1, "omi2": 1}, {**tokens, "omi2": tmp_path / "omi2"}, tmp_path / "out", seed=0)

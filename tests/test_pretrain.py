@@ -45,7 +45,10 @@ def world(tmp_path_factory):
                                                    difficulty=synthetic.Difficulty()), files[src])
     tok = ec_tokenizer.train_bpe(ec_tokenizer.documents(files.values()), 400)
     tok.save_pretrained(root / "tokenizer")
-    manifest = M.build("tg_omi1_omi2", {"tg": 1, "omi1": 1, "omi2": 1}, files, tok, root / "mixture", seed=0)
+    tokens = {src: root / "tokens" / f"source={src}" for src in files}
+    for src, path in files.items():
+        M.tokenize_source(src, path, tok, tokens[src])
+    manifest = M.build("tg_omi1_omi2", {"tg": 1, "omi1": 1, "omi2": 1}, tokens, root / "mixture", seed=0)
     return root, root / "mixture", root / "tokenizer", manifest
 
 

@@ -1,19 +1,23 @@
-"""Data mixtures: sources with weights -> packed, memory-mapped token shards and a manifest.
+"""Data mixtures: each source tokenized once, then sources with weights -> a manifest of token shards.
 
 A mixture names sources with weights, as in the paper's ``as_fm3_tg_4xomi1``: the integer part of a
 weight repeats the whole source, the fractional part adds a seeded random subset of its documents
 (2.5 = two full copies plus half the documents). Each document is tokenized as question + blank line +
 solution followed by EOS, with no BOS (:func:`echochamber.formats.document`).
 
-On disk (``results/mixtures/mixture=M/``)::
+A source is tokenized once (``results/tokens/source=S/``), whatever the number of mixtures that use it,
+because at paper scale the same 45B tokens of FineMath and the algebraic stack are in all 11::
 
-    manifest.json            tokens and documents per source, the tokenizer, and the segment list
-    tg.full.000.bin          a source's documents, packed back to back (raw uint16/uint32, memmapped)
-    omi1.part.000.bin        the seeded fractional subset of a source, when its weight has one
+    manifest.json            documents, tokens, the tokenizer and the shard list
+    S.000.bin                the documents packed back to back (raw uint16/uint32, memmapped)
+    doc_lengths.npy          tokens per document (to cut seeded subsets)
+    counts.npy               tokens per vocabulary entry (for the unigram entropy)
 
-Repeats are not copied on disk: the manifest lists a source's full shards once per copy, and
-:class:`TokenStream` reads the segments as one long token stream that training cuts into sequences.
-Tokenization streams the parquet files in record batches, so a source larger than memory is fine.
+A mixture (``results/mixtures/mixture=M/``) holds only its manifest and the fractional subsets
+(``omi1.part.000.bin``): whole copies are segments pointing at the source's shards, listed once per
+copy, and :class:`TokenStream` reads the segments as one long token stream that training cuts into
+sequences. Tokenization streams the parquet files in record batches, so a source larger than memory
+is fine.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ import numpy as np
 from echochamber.io import atomic_path
 
 MANIFEST = "manifest.json"
+LENGTHS, COUNTS = "doc_lengths.npy", "counts.npy"
 SHARD_TOKENS = 1 << 30          # tokens per shard file before a new one is started
 BATCH_ROWS = 4096               # parquet rows tokenized at a time
+SUBSET_DOCS = 65536             # documents of a fractional subset copied at a time
 
 
 class MixtureError(ValueError):
@@ -141,73 +147,95 @@ def _flat(docs: list[list[int]]) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64, count=sum(map(len, docs)))
 
 
-def build(name: str, weights: dict[str, float], source_files: dict[str, str | os.PathLike], tokenizer,
-          out_dir: str | os.PathLike, *, seed: int, tokenizer_path: str | os.PathLike | None = None,
-          shard_tokens: int = SHARD_TOKENS, batch_rows: int = BATCH_ROWS, log=None) -> dict:
-    """Tokenize and pack one mixture into ``out_dir`` (written atomically); return its manifest.
+def tokenize_source(source: str, parquet: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, *,
+                    tokenizer_path: str | os.PathLike | None = None, shard_tokens: int = SHARD_TOKENS,
+                    batch_rows: int = BATCH_ROWS, log=None) -> dict:
+    """Tokenize one source's documents into ``out_dir`` (written atomically); return its manifest.
 
-    ``source_files`` maps each source of ``weights`` to its train parquet (schema of
-    ``echochamber.data.synthetic.SCHEMA``: at least ``question`` and ``solution``).
+    ``parquet`` is the source's train file (schema of ``echochamber.data.synthetic.SCHEMA``: at least
+    ``question`` and ``solution``).
     """
+    path = Path(parquet)
+    if not path.is_file():
+        raise MixtureError(f"the data file of source {source!r}, {path}, does not exist; "
+                           f"build it first (rule source) or fix data.sources.{source}")
+    n_docs = _n_rows(path)
+    vocab, dtype = len(tokenizer), token_dtype(len(tokenizer))
+    counts, lengths = np.zeros(vocab, dtype=np.int64), np.zeros(n_docs, dtype=np.int64)
+    with atomic_path(Path(out_dir)) as tmp:
+        tmp.mkdir(parents=True)
+        shards = _ShardWriter(tmp, source, dtype, shard_tokens)
+        i = 0
+        for texts in _documents(path, batch_rows):
+            ids = encode(tokenizer, texts)
+            flat = _flat(ids)
+            counts += np.bincount(flat, minlength=vocab)
+            lengths[i:i + len(ids)] = [len(d) for d in ids]
+            shards.write(flat)
+            i += len(ids)
+        shards.close()
+        np.save(tmp / LENGTHS, lengths)
+        np.save(tmp / COUNTS, counts)
+        manifest = {
+            "source": source, "file": str(path), "tokenizer": tokenizer_info(tokenizer, tokenizer_path),
+            "dtype": np.dtype(dtype).name, "documents": n_docs, "tokens": int(counts.sum()),
+            "segments": [{"source": source, "file": f, "tokens": n} for f, n in shards.files],
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    if log:
+        log.info("source %s: %d documents, %d tokens", source, n_docs, manifest["tokens"])
+    return manifest
+
+
+def build(name: str, weights: dict[str, float], token_dirs: dict[str, str | os.PathLike],
+          out_dir: str | os.PathLike, *, seed: int, shard_tokens: int = SHARD_TOKENS, log=None) -> dict:
+    """Pack one mixture of tokenized sources (:func:`tokenize_source`) into ``out_dir`` (written
+    atomically); return its manifest. ``token_dirs`` maps each source of ``weights`` to its folder."""
     out_dir = Path(out_dir)
-    files = {}
+    tokenized = {}
     for src in weights:
-        if src not in source_files:
-            raise MixtureError(f"mixture {name}: no data file given for source {src!r}")
-        path = Path(source_files[src])
-        if not path.is_file():
-            raise MixtureError(f"mixture {name}: the data file of source {src!r}, {path}, does not exist; "
-                               f"build it first (rule source) or fix data.sources.{src}")
-        files[src] = path
-    dtype = token_dtype(len(tokenizer))
-    vocab = len(tokenizer)
+        if src not in token_dirs:
+            raise MixtureError(f"mixture {name}: no tokenized data given for source {src!r}")
+        tokenized[src] = read_manifest(token_dirs[src])
+    first = next(iter(tokenized.values()))
+    for src, info in tokenized.items():
+        if info["tokenizer"]["vocab_sha256"] != first["tokenizer"]["vocab_sha256"]:
+            raise MixtureError(f"mixture {name}: source {src!r} in {token_dirs[src]} was tokenized with another "
+                               f"tokenizer than the other sources; rebuild its tokens")
+    dtype = np.dtype(first["dtype"])
+    vocab = first["tokenizer"]["vocab_size"]
     counts_total = np.zeros(vocab, dtype=np.int64)
     sources, segments = {}, []
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         for src, weight in weights.items():
+            info, folder = tokenized[src], Path(token_dirs[src])
             share = Share.of(float(weight))
-            n_docs = _n_rows(files[src])
-            mask = subset_mask(n_docs, share.fraction, seed, src) if share.fraction else None
-            full = _ShardWriter(tmp, f"{src}.full", dtype, shard_tokens) if share.copies else None
-            part = _ShardWriter(tmp, f"{src}.part", dtype, shard_tokens) if mask is not None else None
-            counts_full, counts_part = np.zeros(vocab, np.int64), np.zeros(vocab, np.int64)
-            i = 0
-            for texts in _documents(files[src], batch_rows):
-                ids = encode(tokenizer, texts)
-                flat = _flat(ids)
-                counts_full += np.bincount(flat, minlength=vocab)
-                if full is not None:
-                    full.write(flat)
-                if part is not None:
-                    keep = mask[i:i + len(ids)]
-                    flat = _flat([d for d, k in zip(ids, keep) if k])
-                    if len(flat):
-                        part.write(flat)
-                        counts_part += np.bincount(flat, minlength=vocab)
-                i += len(ids)
-            for w in (full, part):
-                if w is not None:
-                    w.close()
-            part_docs = int(mask.sum()) if mask is not None else 0
+            full = [{**seg, "file": os.path.relpath(folder / seg["file"], out_dir)} for seg in info["segments"]]
+            segments += full * share.copies
+            counts_part, part_docs = np.zeros(vocab, dtype=np.int64), 0
+            if share.fraction:
+                mask = subset_mask(info["documents"], share.fraction, seed, src)
+                part = _ShardWriter(tmp, f"{src}.part", dtype, shard_tokens)
+                counts_part = _copy_documents(folder, np.flatnonzero(mask), part, vocab)
+                part.close()
+                part_docs = int(mask.sum())
+                segments += [{"source": src, "file": f, "tokens": n} for f, n in part.files]
+            counts_full = _load(folder / COUNTS)
+            counts_total += share.copies * counts_full + counts_part
             entry = {
-                "file": str(files[src]), "weight": float(weight), "copies": share.copies,
-                "fraction": share.fraction, "source_documents": n_docs, "source_tokens": int(counts_full.sum()),
-                "documents": share.copies * n_docs + part_docs,
-                "tokens": share.copies * int(counts_full.sum()) + int(counts_part.sum()),
+                "file": info["file"], "tokens_dir": str(folder), "weight": float(weight), "copies": share.copies,
+                "fraction": share.fraction, "source_documents": info["documents"],
+                "source_tokens": info["tokens"], "documents": share.copies * info["documents"] + part_docs,
+                "tokens": share.copies * info["tokens"] + int(counts_part.sum()),
             }
             sources[src] = entry
-            counts_total += share.copies * counts_full + counts_part
-            for _ in range(share.copies):
-                segments += [{"source": src, "file": f, "tokens": n} for f, n in full.files]
-            if part is not None:
-                segments += [{"source": src, "file": f, "tokens": n} for f, n in part.files]
             if log:
                 log.info("mixture %s: source %s x%s -> %d documents, %d tokens", name, src, weight,
                          entry["documents"], entry["tokens"])
         manifest = {
             "mixture": name, "weights": {k: float(v) for k, v in weights.items()}, "seed": seed,
-            "tokenizer": tokenizer_info(tokenizer, tokenizer_path), "dtype": np.dtype(dtype).name,
+            "tokenizer": first["tokenizer"], "dtype": dtype.name,
             "documents": sum(s["documents"] for s in sources.values()),
             "tokens": int(counts_total.sum()),
             "unigram_entropy": unigram_entropy(counts_total),
@@ -217,6 +245,27 @@ def build(name: str, weights: dict[str, float], source_files: dict[str, str | os
     return manifest
 
 
+def _load(path: Path) -> np.ndarray:
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as e:
+        raise MixtureError(f"token file {path} is missing or unreadable ({type(e).__name__}); "
+                           f"rebuild the source's tokens") from None
+
+
+def _copy_documents(folder: Path, docs: np.ndarray, writer: "_ShardWriter", vocab: int) -> np.ndarray:
+    """Append the documents ``docs`` (sorted indices) of a tokenized source to ``writer``; their token counts."""
+    lengths = _load(folder / LENGTHS)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    stream, counts = TokenStream(folder), np.zeros(vocab, dtype=np.int64)
+    for chunk in np.array_split(docs, max(1, -(-len(docs) // SUBSET_DOCS))):
+        if len(chunk):
+            flat = np.concatenate([stream.read(int(starts[d]), int(lengths[d])) for d in chunk])
+            counts += np.bincount(flat, minlength=vocab)
+            writer.write(flat)
+    return counts
+
+
 def unigram_entropy(counts: np.ndarray) -> float:
     """Entropy in nats per token of the token frequencies (the loss of the best context-free model)."""
     p = counts[counts > 0] / counts.sum()
@@ -224,17 +273,19 @@ def unigram_entropy(counts: np.ndarray) -> float:
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of a mixture or tokenized-source folder."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise MixtureError(f"mixture folder {Path(folder)} has no {MANIFEST}; build the mixture first")
+        raise MixtureError(f"token folder {Path(folder)} has no {MANIFEST}; build it first")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise MixtureError(f"mixture manifest {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise MixtureError(f"manifest {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 class TokenStream:
-    """A mixture's segments read as one token stream, cut into fixed-length sequences (memory-mapped)."""
+    """The segments of a mixture (or of a tokenized source) read as one token stream, cut into
+    fixed-length sequences (memory-mapped). Segment files are relative to the folder."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -245,11 +296,11 @@ class TokenStream:
         for seg in self.manifest["segments"]:
             f = seg["file"]
             if f not in self._maps:
-                path = self.folder / f
+                path = Path(os.path.normpath(self.folder / f))  # a source's shard: ../../tokens/...
                 expected = seg["tokens"] * dtype.itemsize
                 if not path.is_file() or path.stat().st_size != expected:
-                    raise MixtureError(f"mixture shard {path} is missing or truncated "
-                                       f"(expected {expected} bytes); rebuild the mixture")
+                    raise MixtureError(f"token shard {path} is missing or truncated "
+                                       f"(expected {expected} bytes); rebuild it")
                 self._maps[f] = np.memmap(path, dtype=dtype, mode="r") if expected else np.zeros(0, dtype)
             self._segments.append(self._maps[f])
         lengths = np.array([len(s) for s in self._segments], dtype=np.int64)
