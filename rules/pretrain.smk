@@ -1,7 +1,7 @@
 # Pretraining stage: each source tokenized once, each mixture packed from them, then one model per
-# (mixture, scale, seed),
-# trained by `accelerate launch` with the process count from the rule's resources: one process per GPU
-# (pretrain.gpus, per scale in pretrain.per_scale), or pretrain.processes on CPUs.
+# (mixture, scale, seed), trained by `accelerate launch` with the process count from the rule's
+# resources: one process per GPU (pretrain.gpus, per scale in pretrain.per_scale), else
+# pretrain.processes on CPUs.
 
 
 rule tokens:
