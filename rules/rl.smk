@@ -22,6 +22,8 @@ rule rl:
         port=lambda w: 29500 + zlib.crc32(RL_CELL.format(**w).encode()) % 2000,
         out=lambda w, output: Path(output.steps).parent,
     threads: rl_settings.merged(config)["threads"]
+    resources:
+        gpu=rl_settings.merged(config)["gpus"],
     log:
         f"{R}/logs/rl/{RL_CELL}.log",
     benchmark:

@@ -505,6 +505,16 @@ def test_cell_spec_holds_only_what_the_cell_uses():
     assert settings.Settings.from_spec(ppo0).ppo.kl_estimator == "k1"
 
 
+def test_rl_gpus_set_one_process_per_gpu_and_stay_out_of_the_spec():
+    cfg = {"grid": {"mixtures": ["m"], "scales": ["s"], "seeds": [0], "algos": {"ppo": {"kl": [0]}}},
+           "rl": {"gpus": 4, "processes": 1}}
+    cell = ec_grid.rl_cells(cfg)[0]
+    spec = settings.cell_spec(cfg, cell)
+    assert spec["processes"] == 4 and "gpus" not in spec
+    cfg["rl"]["gpus"] = 0  # a CPU run: the configured gloo processes
+    assert settings.cell_spec(cfg, cell)["processes"] == 1
+
+
 def test_config_checks_name_the_field():
     base = {"grid": {"algos": {"ei": {"kl": [0.01]}}}}
     with pytest.raises(ec_config.ConfigError, match=r"grid\.algos\.ei\.kl"):

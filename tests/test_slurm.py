@@ -27,8 +27,8 @@ def test_slurm_profile_leaves_cluster_choices_to_the_user_and_gives_gpu_jobs_one
     assert "slurm_partition" not in p["default-resources"] and "slurm_account" not in p["default-resources"]
     text = (PROFILE / "config.yaml").read_text()
     assert re.search(r"#\s*slurm_partition:", text) and re.search(r"#\s*slurm_account:", text)
-    gpu_rules = {rule for rule, res in p["set-resources"].items() if res.get("gpu")} | {"pretrain"}
-    assert "rl" in gpu_rules and "gpu" not in p["set-resources"]["pretrain"]  # pretrain: from the config
+    gpu_rules = {rule for rule, res in p["set-resources"].items() if res.get("gpu")} | {"pretrain", "rl"}
+    assert "gpu" not in p["set-resources"]["pretrain"] and "gpu" not in p["set-resources"]["rl"]  # config's
     for rule in gpu_rules:
         res = p["set-resources"][rule]
         # one task per job: accelerate spawns the ranks (`tasks` would become --ntasks-per-gpu)
@@ -55,6 +55,8 @@ def test_paper_config_is_complete_and_replaces_the_embedded_default(tmp_path):
                       r'"micro_batch_size": (\d+)', out, flags=re.S)
     assert len(jobs) == 22
     assert set(jobs) == {("150M", "4", "4", "16"), ("1B", "8", "8", "8")}
+    rl = re.findall(r"rule rl:.*?gpu=(\d+).*?--num_processes (\d+)", out, flags=re.S)
+    assert len(rl) == 154 and set(rl) == {("4", "4")}
 
 
 def _test_cluster_overrides(p: dict) -> list[str]:

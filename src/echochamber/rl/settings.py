@@ -42,6 +42,7 @@ DEFAULTS: dict = {
     "precision": "bf16",
     "compile": False,
     "processes": 1,
+    "gpus": 0,
     "threads": 2,
     "ppo": {"epochs": 1, "kl_estimator": "k1", "whiten_advantages": True},
     "grpo": {"epochs": 1, "kl_estimator": "k3", "std_eps": 1.0e-9},
@@ -50,7 +51,7 @@ DEFAULTS: dict = {
 }
 
 # Common keys each algorithm reads (besides its own section); the rest never reach its params.
-# (``threads`` is not among them: it changes speed, not results, so it reruns nothing.)
+# (``threads`` and ``gpus`` are not among them: one changes speed only, the other sets ``processes``.)
 _SHARED = ["prompts", "max_new_tokens", "truncated", "samples_logged", "precision", "compile",
            "processes", "micro_batch_size", "rollout_batch_size", "betas", "grad_clip",
            "min_lr_ratio"]
@@ -71,6 +72,8 @@ def merged(config: dict) -> dict:
             rl[key] = {**rl[key], **(value or {})}
         else:
             rl[key] = copy.deepcopy(value)
+    if rl["gpus"]:  # one process per GPU
+        rl["processes"] = rl["gpus"]
     return rl
 
 
