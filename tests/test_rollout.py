@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import math
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import OlmoConfig, OlmoForCausalLM
 
-from echochamber.rollout import RolloutBatch, RolloutEngine, SamplingParams, filter_logits, hf_generate, sample_tokens
+from echochamber.rollout import (
+    RolloutBatch,
+    RolloutEngine,
+    SamplingParams,
+    filter_logits,
+    hf_generate,
+    sample_tokens,
+    vllm_generate,
+)
 
 PAD = 0
 NO_EOS = 10_000  # an id outside every test vocabulary: nothing stops early
@@ -247,3 +257,52 @@ def test_attention_biases():
                 p.normal_(0, 0.5)
     ours = RolloutEngine(model, eos_id=NO_EOS, pad_id=PAD).generate(PROMPTS, GREEDY)
     assert_same(ours, hf_generate(model, PROMPTS, GREEDY, eos_id=NO_EOS, pad_id=PAD))
+
+
+class FakeVllm:
+    """A ``vllm`` module in the shape its ``LLM.generate`` documents, sampling greedily with an HF model:
+    ``token_ids`` run up to and including a stop token, ``logprobs`` is one ``{token: Logprob}`` dict per
+    step, ``finish_reason`` is ``"stop"`` or ``"length"``. It records the ``SamplingParams`` it was given."""
+
+    def __init__(self, model):
+        self.model, self.sampling = model, None
+        outer = self
+
+        class LLM:
+            def generate(self, requests, sampling):
+                outer.sampling = sampling
+                return [outer.request(r["prompt_token_ids"], sampling) for r in requests]
+
+        self.LLM, self.SamplingParams = LLM, lambda **kw: SimpleNamespace(**kw)
+
+    def request(self, prompt, sampling):
+        ids = list(prompt)
+        tokens, steps = [], []
+        with torch.no_grad():
+            while len(tokens) < sampling.max_tokens:
+                logprobs = self.model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+                token = int(logprobs.argmax())
+                tokens.append(token)
+                steps.append({token: SimpleNamespace(logprob=float(logprobs[token]))})
+                ids.append(token)
+                if token in sampling.stop_token_ids:
+                    break
+        reason = "stop" if tokens[-1] in sampling.stop_token_ids else "length"
+        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=tokens, logprobs=steps, finish_reason=reason)])
+
+
+def test_vllm_adapter_returns_what_hf_generate_returns(monkeypatch):
+    """vLLM is optional and needs a GPU; its adapter is checked against vLLM's documented output shape:
+    rows stopped at EOS and rows cut at the limit give the reference's ids, masks, log-probs and flags."""
+    model = tiny_olmo(tied=True, vocab=24)
+    params = SamplingParams(max_new_tokens=24, greedy=True)
+    prompts = make_prompts(24, [4, 11, 7, 2, 15, 6, 9, 3, 5, 8], seed=2)
+    eos = frequent_token(hf_generate(model, prompts, params, eos_id=NO_EOS, pad_id=PAD))
+    fake = FakeVllm(model)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    ours = vllm_generate(fake.LLM(), prompts, params, eos_id=eos, pad_id=PAD)
+    ref = hf_generate(model, prompts, params, eos_id=eos, pad_id=PAD)
+    assert_same(ours, ref)
+    assert ours.truncated.any() and not ours.truncated.all()
+    assert fake.sampling.temperature == 0.0 and fake.sampling.top_k == -1  # greedy; top-k off
+    assert fake.sampling.stop_token_ids == [eos] and fake.sampling.logprobs == 0
