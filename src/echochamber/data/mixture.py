@@ -111,10 +111,6 @@ class _ShardWriter:
             self._fh.close()
             self._fh = None
 
-    @property
-    def tokens(self) -> int:
-        return sum(n for _, n in self.files)
-
 
 def _documents(parquet: Path, batch_rows: int):
     """Yield lists of document texts from one source file, a record batch at a time."""
