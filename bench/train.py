@@ -3,6 +3,10 @@
     python bench/train.py                  CPU: a mini scale, ours vs plain on the same model and batch
     python bench/train.py --device cuda    GPU: 150M and 1B at context 2048, tokens/s and MFU
 
+On the CPU it also times the model's own GEMMs (forward and both backward products of every linear
+layer at the benchmark's micro-batch, same threads, same run) and reports training FLOP/s per core as
+a ratio to that measured matmul throughput: how close the training step runs to this machine's limit.
+
 Both loops start from the same weights and see the same micro-batches. The plain loop is what a
 transformers user writes: ``model(input_ids, labels=input_ids).loss``, backward per micro-batch, clip,
 AdamW (fused on CUDA), zero_grad; on the GPU under bf16 autocast. Ours adds what training uses:
@@ -60,6 +64,43 @@ def make_model(scale: dict, vocab: int, seq_len: int, device: str, seed: int = 0
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     model.config.use_cache = False
     return model
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the instruction sets that decide its matmul speed."""
+    name, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(isa) or 'no AVX2'}; torch uses {torch.backends.cpu.get_cpu_capability()})"
+
+
+def gemm_gflops(model, rows: int, repeats: int = 5) -> float:
+    """GFLOP/s of the matrix products one training step of ``model`` does over ``rows`` tokens: for each
+    linear layer (out x in) the forward (rows x in) @ (in x out) and the two backward products, timed
+    back to back (best of ``repeats``) with the current torch threads."""
+    shapes = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            out_f, in_f = module.weight.shape
+            shapes += [(rows, in_f, out_f), (rows, out_f, in_f), (in_f, rows, out_f)]
+    pairs = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    best = float("inf")
+    for _ in range(repeats + 1):                      # the first pass warms up
+        t = time.perf_counter()
+        for a, b in pairs:
+            torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return flops / best / 1e9
 
 
 class Plain:
@@ -133,10 +174,16 @@ def cpu_bench(args) -> dict:
         for name, loop in order:
             times[name].append(timed_step(loop, micro, device))
     tokens = args.batch_size * args.seq_len
-    result = {"device": "cpu", "threads": args.threads, "scale": args.scale,
+    result = {"device": "cpu", "cpu": cpu_name(), "threads": args.threads, "scale": args.scale,
               "params": models.count_params(base), "tokens_per_step": tokens}
     for name, ts in times.items():
         result[f"{name}_tokens_per_s"] = round(tokens / statistics.median(ts), 1)
+    # The machine's limit for this model: its own GEMMs (forward and both backward products of every
+    # linear layer, at this micro-batch), timed now on the same threads.
+    gemm = gemm_gflops(base, args.micro_batch_size * args.seq_len, repeats=5)
+    per_core = result["ours_tokens_per_s"] * flops_per_token(base, args.seq_len) / 1e9 / args.threads
+    result.update(gflops_per_core=round(per_core, 2), gemm_gflops_per_core=round(gemm / args.threads, 2),
+                  ratio_to_gemm=round(per_core * args.threads / gemm, 3))
     # The ratio is the median over neighbouring pairs of steps, which cancels slow drifts in the load
     # that other jobs put on a shared machine; the min-based ratio is printed beside it.
     result["ratio"] = round(statistics.median(p / o for o, p in zip(times["ours"], times["plain"])), 3)
@@ -146,6 +193,9 @@ def cpu_bench(args) -> dict:
           f"ours {result['ours_tokens_per_s']:.0f} tokens/s, plain {result['plain_tokens_per_s']:.0f} tokens/s "
           f"(medians); ours/plain {result['ratio']:.3f} (median of pairs; fastest steps: "
           f"{result['ratio_of_fastest']:.3f}; target >= 0.9)", flush=True)
+    print(f"{result['cpu']}: training runs at {result['gflops_per_core']:.1f} GFLOP/s per core, the model's own "
+          f"GEMMs at {result['gemm_gflops_per_core']:.1f} GFLOP/s per core: {result['ratio_to_gemm']:.0%} of "
+          f"this machine's matmul throughput", flush=True)
     return result
 
 

@@ -11,6 +11,7 @@ from echochamber import config as ec_config
 from echochamber import evaluate as ec_eval
 from echochamber import grid as ec_grid
 from echochamber import pretrain as ec_pretrain
+from echochamber import timing as ec_timing
 from echochamber.data.sources import source_spec
 from echochamber.rl import settings as rl_settings
 
@@ -68,7 +69,8 @@ def final_message():
                        ("report", f"{R}/report.html")]:
         if Path(path).exists():
             lines.append(f"  {what:<48} {path}")
-    return "\n".join(lines)
+    breakdown = ec_timing.report(f"{R}/benchmarks")
+    return "\n".join(lines + (["", breakdown] if breakdown else []))
 
 
 # --- pretrain ---------------------------------------------------------------------------------

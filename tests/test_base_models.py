@@ -29,7 +29,7 @@ def test_unknown_names_fail_in_one_sentence():
     cfg = two_by_two()
     cfg["base_models"] = {"nope": {"s": "org/model"}}
     with pytest.raises(ec_config.ConfigError, match=r"^cfg: base_models: unknown mixture 'nope'; "
-                                                    rf"defined in mixtures: .*{MIX}, as_fm3_tg$"):
+                                                    rf"defined in mixtures: .*{MIX}.*, as_fm3_tg$"):
         ec_config.validate(cfg, origin="cfg")
     cfg["base_models"] = {MIX: {"huge": "org/model"}}
     with pytest.raises(ec_config.ConfigError, match=rf"^cfg: base_models\.{MIX}: unknown scale 'huge'; "

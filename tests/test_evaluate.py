@@ -112,7 +112,7 @@ def test_settings_and_config_checks():
     s = ev.settings_from_config(cfg, seed=1)
     assert s["n_samples"] == 2 and s["max_new_tokens"] == 9 and s["seed"] == 3001
     assert ev.EvalSettings(**s).k == 2
-    assert ev.benchmarks(cfg) == {"t": {"source": "gsm8k", "split": "test"}}
+    assert ev.benchmarks(cfg) == {"t": {"source": "gsm8k", "split": "test", "checkpoints": "all"}}
 
 
 # ------------------------------------------------------------------------------------------ a tiny model
@@ -192,6 +192,13 @@ def test_find_checkpoints_skips_the_base_step(world, tmp_path):
     assert list(ev.find_checkpoints(world["rl"], skip_steps=())) == [0, 3, 7]
     with pytest.raises(ev.EvalError, match="no checkpoints"):
         ev.find_checkpoints(tmp_path)
+
+
+def test_find_checkpoints_last_keeps_only_the_final_step(world):
+    found = ev.find_checkpoints(world["rl"], which="last")
+    assert list(found) == [7] and found[7].name == "step=7"
+    with pytest.raises(ev.EvalError, match="checkpoints"):
+        ev.find_checkpoints(world["rl"], which="first")
 
 
 def test_evaluate_checkpoints_writes_consistent_metrics_and_generations(world, tmp_path):
@@ -294,7 +301,9 @@ def test_workflow_evaluates_ingests_and_reports(world, tmp_path):
     res = tmp_path / "results"
     cfg = tiny_config(res)
     cfg["grid"] = {"mixtures": ["as_fm3_tg_omi1_omi2"], "scales": ["s"], "seeds": [0], "algos": {"ppo": {"kl": [0.0]}}}
-    cfg["eval"] = {"benchmarks": {"test": {"source": "gsm8k", "split": "test"}},
+    # hard: only each RL cell's last checkpoint (the base model is always step 0)
+    cfg["eval"] = {"benchmarks": {"test": {"source": "gsm8k", "split": "test"},
+                                  "hard": {"source": "gsm8k", "split": "hard", "checkpoints": "last"}},
                    "max_problems": 3, "n_samples": 2, "k": 2, "temperature": 0.7, "top_p": 0.95,
                    "max_new_tokens": 8, "batch_size": 16}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -302,9 +311,11 @@ def test_workflow_evaluates_ingests_and_reports(world, tmp_path):
     write_fake_results(res, [cell], benchmarks=())
     shutil.copytree(world["ckpts"][0], res / "pretrain/mixture=as_fm3_tg_omi1_omi2/scale=s/seed=0/model")
     rl = res / "rl/mixture=as_fm3_tg_omi1_omi2/scale=s/algo=ppo/kl=0/seed=0"
+    shutil.copytree(world["ckpts"][0], rl / "checkpoints/step=1")
     shutil.copytree(world["ckpts"][3], rl / "checkpoints/step=2")
     (res / "data/source=gsm8k").mkdir(parents=True)
     shutil.copy(world["bench"], res / "data/source=gsm8k/test.parquet")
+    shutil.copy(world["bench"], res / "data/source=gsm8k/hard.parquet")
 
     def run(*extra):
         proc = subprocess.run([SNAKEMAKE, "-s", str(tmp_path / "Snakefile"), "-d", str(tmp_path), "--cores", "2",
@@ -316,9 +327,10 @@ def test_workflow_evaluates_ingests_and_reports(world, tmp_path):
     db = res / "echo.duckdb"
     con = duckdb.connect(str(db), read_only=True)
     try:
-        rows = con.execute("SELECT algo, benchmark, step, n_problems FROM evals ORDER BY algo, benchmark").fetchall()
-        assert rows == [("base", "test", 0, 3), ("ppo", "test", 2, 3)]
-        assert con.execute("SELECT count(*) FROM generations").fetchone()[0] == 2 * 3 * (1 + 2)
+        rows = con.execute("SELECT algo, benchmark, step, n_problems FROM evals ORDER BY algo, benchmark, step").fetchall()
+        assert rows == [("base", "hard", 0, 3), ("base", "test", 0, 3),
+                        ("ppo", "hard", 2, 3), ("ppo", "test", 1, 3), ("ppo", "test", 2, 3)]
+        assert con.execute("SELECT count(*) FROM generations").fetchone()[0] == 5 * 3 * (1 + 2)
         assert con.execute("SELECT kind, status FROM cells ORDER BY kind").fetchall() == [
             ("base", "evaluated"), ("rl", "evaluated")]
         # a second ingest runs while this reader holds the store open; the reader keeps the old data
@@ -326,7 +338,7 @@ def test_workflow_evaluates_ingests_and_reports(world, tmp_path):
         proc = run("--forcerun", "ingest", str(db))
         assert "ingest" in proc.stderr + proc.stdout
         assert con.execute("SELECT value FROM meta WHERE key = 'built_at'").fetchone()[0] == before
-        assert con.execute("SELECT count(*) FROM evals").fetchone()[0] == 2
+        assert con.execute("SELECT count(*) FROM evals").fetchone()[0] == 5
     finally:
         con.close()
     summary = (res / "summary.txt").read_text()

@@ -186,7 +186,7 @@ def test_whiten_uses_only_real_tokens():
     w = core.whiten(x, mask)
     real = w[mask]
     assert float(real.mean()) == pytest.approx(0.0, abs=1e-6)
-    assert float(real.std()) == pytest.approx(1.0, abs=1e-4)
+    assert float(real.std(unbiased=False)) == pytest.approx(1.0, abs=1e-4)   # population variance
     assert (w[~mask] == 0).all()
 
 
@@ -298,7 +298,8 @@ def test_padding_tokens_do_not_change_log_probs_or_values(world):
     noisy.prompt_ids = torch.where(exp.prompt_mask, exp.prompt_ids, torch.randint(0, vocab, exp.prompt_ids.shape, generator=g))
     noisy.response_ids = torch.where(exp.response_mask, exp.response_ids,
                                      torch.randint(0, vocab, exp.response_ids.shape, generator=g))
-    again = core.annotate(noisy, tr.policy, ref=tr.ref, critic=tr.critic, micro_batch_size=3)
+    again, _ = core.annotate(noisy, tr.policy, ref=tr.ref, critic=tr.critic, micro_batch_size=3,
+                             temperature=tr.s.temperature)
     m = exp.response_mask
     for name in ("old_logprobs", "ref_logprobs", "values", "entropy"):
         a, b = getattr(exp, name), getattr(again, name)
@@ -307,8 +308,9 @@ def test_padding_tokens_do_not_change_log_probs_or_values(world):
 
 
 def test_first_minibatch_has_ratio_one_no_clipping_and_no_kl(world):
-    for algo in ("ppo", "grpo"):
-        tr = make_trainer(world, algo=algo, kl=0.01)
+    # at the sampling temperature too: the update scores at the same temperature as the rollout's pass
+    for algo, temperature in (("ppo", 1.0), ("grpo", 1.0), ("ppo", 0.7), ("grpo", 0.7)):
+        tr = make_trainer(world, algo=algo, kl=0.01, temperature=temperature)
         prompts, golds = prompts_of(world)
         exp, _, _ = tr.rollout(prompts, golds)
         exp, _ = tr.advantages(exp)

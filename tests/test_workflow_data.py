@@ -14,7 +14,12 @@ def test_data_stage_end_to_end(tiny, tmp_path):
         str(res / "data" / f"source={s}" / f"{split}.parquet")
         for s in grid.sources_needed(cfg) for split in grid.SPLITS]
     first = snakemake("--cores", "2", f"--configfile={path}", *targets, cwd=tmp_path)
-    assert "Results are under" in first.stdout + first.stderr
+    out = first.stdout + first.stderr
+    assert "Results are under" in out
+    # it ends with where the time went: a row per stage that ran, from the job benchmarks
+    breakdown = out[out.index("Where the time went"):]
+    assert [line.split()[0] for line in breakdown.splitlines()[2:4]] == ["data", "tokenizer"]
+    assert "total" in breakdown
     for s in grid.sources_needed(cfg):
         train = pq.read_table(res / "data" / f"source={s}" / "train.parquet").to_pylist()
         assert len(train) == 120 and {r["source"] for r in train} == {s}

@@ -66,9 +66,14 @@ class EvalSettings:
 # ------------------------------------------------------------------------------------------ config
 
 
+CHECKPOINT_CHOICES = ("all", "last")
+
+
 def benchmarks(config: dict) -> dict[str, dict]:
-    """Benchmark name -> {source, split} (split defaults to test)."""
-    return {name: {"source": b["source"], "split": b.get("split", "test")}
+    """Benchmark name -> {source, split, checkpoints} (split defaults to test; checkpoints to ``all``:
+    every RL checkpoint, or ``last``: only each RL cell's final one; the base model is always step 0)."""
+    return {name: {"source": b["source"], "split": b.get("split", "test"),
+                   "checkpoints": b.get("checkpoints", "all")}
             for name, b in config.get("eval", {}).get("benchmarks", {}).items()}
 
 
@@ -213,11 +218,15 @@ def load_benchmark(path: str | os.PathLike, max_problems: int | None = None):
     return df.reset_index(drop=True)
 
 
-def find_checkpoints(rl_dir: str | os.PathLike, skip_steps: Sequence[int] = (0,)) -> dict[int, Path]:
-    """``step -> folder`` for every ``checkpoints/step=T/`` of an RL cell, in step order.
+def find_checkpoints(rl_dir: str | os.PathLike, skip_steps: Sequence[int] = (0,),
+                     which: str = "all") -> dict[int, Path]:
+    """``step -> folder`` for every ``checkpoints/step=T/`` of an RL cell, in step order (``which="last"``:
+    only the last step's).
 
     Step 0 is skipped by default: it is the pretrained model, evaluated once as the ``algo=base`` cell.
     """
+    if which not in CHECKPOINT_CHOICES:
+        raise EvalError(f"eval.benchmarks.*.checkpoints: {which!r} is not one of {', '.join(CHECKPOINT_CHOICES)}")
     root = Path(rl_dir) / "checkpoints"
     found = {}
     for p in root.glob("step=*"):
@@ -226,7 +235,8 @@ def find_checkpoints(rl_dir: str | os.PathLike, skip_steps: Sequence[int] = (0,)
             found[int(m.group(1))] = p
     if not found:
         raise EvalError(f"no checkpoints to evaluate under {root} (expected step=T/ folders)")
-    return dict(sorted(found.items()))
+    found = dict(sorted(found.items()))
+    return dict([list(found.items())[-1]]) if which == "last" else found
 
 
 def load_checkpoint(path: str | os.PathLike):

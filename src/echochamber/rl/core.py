@@ -59,23 +59,35 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str, mask: tor
     raise ValueError(f"unknown KL estimator {kind!r}; allowed: k1, k2, k3")
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str, *, n_seqs: int | None = None,
-              n_tokens: int | None = None) -> torch.Tensor:
-    """Reduce a per-token loss ``x [b, T]`` to a scalar.
+LOSS_AGGREGATIONS = ("microbatch_token_mean", "seq_mean", "token_mean")
 
-    ``seq_mean`` (the paper): mean over each sequence's tokens, then over sequences. ``token_mean``: one
-    mean over all tokens. ``n_seqs`` / ``n_tokens`` are the minibatch's totals when ``x`` is one
-    micro-batch of it, so the micro-batch losses add up to the minibatch loss exactly.
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str, *, n_seqs: int | None = None,
+              n_tokens: int | None = None, n_micro: int | None = None) -> torch.Tensor:
+    """Reduce a per-token loss ``x [b, T]`` (one micro-batch) to a scalar.
+
+    - ``microbatch_token_mean`` (the paper's runs: OpenRLHF 0.6.3 with ``--packing_samples``): the mean
+      over this micro-batch's tokens, divided by ``n_micro``, the minibatch's number of micro-batches, so
+      the minibatch loss is the average of the micro-batches' token means;
+    - ``seq_mean`` (OpenRLHF without packing): the mean over each sequence's tokens, then over the
+      minibatch's ``n_seqs`` sequences;
+    - ``token_mean``: one mean over the minibatch's ``n_tokens`` tokens.
+
+    The ``n_*`` are the minibatch's totals (default: this micro-batch's), so the micro-batch losses add
+    up to the minibatch loss exactly.
     """
+    if how == "microbatch_token_mean":
+        return masked_sum(x, mask) / mask.sum().clamp(min=1) / (n_micro if n_micro is not None else 1)
     if how == "seq_mean":
         per_seq = masked_sum(x, mask, dim=1) / mask.sum(dim=1).clamp(min=1)
         return per_seq.sum() / (n_seqs if n_seqs is not None else x.shape[0])
     if how == "token_mean":
         return masked_sum(x, mask) / (n_tokens if n_tokens is not None else mask.sum().clamp(min=1))
-    raise ValueError(f"unknown loss aggregation {how!r}; allowed: seq_mean, token_mean")
+    raise ValueError(f"unknown loss aggregation {how!r}; allowed: {', '.join(LOSS_AGGREGATIONS)}")
 
 
-def clipped_policy_loss(logp, old_logp, adv, mask, clip_eps: float, how: str, *, n_seqs=None, n_tokens=None):
+def clipped_policy_loss(logp, old_logp, adv, mask, clip_eps: float, how: str, *, n_seqs=None, n_tokens=None,
+                        n_micro=None):
     """PPO's clipped surrogate, aggregated by ``how``; padding (whatever it holds) gives neither loss nor gradient.
 
     Returns the loss and token-level sums for logging: clipped tokens, the k3 estimate of KL(old || new),
@@ -86,7 +98,7 @@ def clipped_policy_loss(logp, old_logp, adv, mask, clip_eps: float, how: str, *,
     log_ratio = (logp.float() - old_logp).masked_fill(~mask, 0.0)
     ratio = log_ratio.exp()
     surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps))
-    loss = aggregate(surrogate, mask, how, n_seqs=n_seqs, n_tokens=n_tokens)
+    loss = aggregate(surrogate, mask, how, n_seqs=n_seqs, n_tokens=n_tokens, n_micro=n_micro)
     with torch.no_grad():
         stats = {"clipped": float(masked_sum(((ratio - 1).abs() > clip_eps).float(), mask)),
                  "approx_kl_sum": float(masked_sum(torch.expm1(log_ratio) - log_ratio, mask)),
@@ -94,25 +106,27 @@ def clipped_policy_loss(logp, old_logp, adv, mask, clip_eps: float, how: str, *,
     return loss, stats
 
 
-def clipped_value_loss(values, old_values, returns, mask, clip: float, how: str, *, n_seqs=None, n_tokens=None):
+def clipped_value_loss(values, old_values, returns, mask, clip: float, how: str, *, n_seqs=None, n_tokens=None,
+                       n_micro=None):
     """0.5 * max((v - R)^2, (v_clipped - R)^2) with v_clipped within ``clip`` of the rollout's values."""
     values = values.float().masked_fill(~mask, 0.0)
     old_values = old_values.masked_fill(~mask, 0.0)
     returns = returns.masked_fill(~mask, 0.0)
     v_clip = old_values + (values - old_values).clamp(-clip, clip)
     loss = 0.5 * torch.maximum((values - returns).square(), (v_clip - returns).square())
-    return aggregate(loss, mask, how, n_seqs=n_seqs, n_tokens=n_tokens)
+    return aggregate(loss, mask, how, n_seqs=n_seqs, n_tokens=n_tokens, n_micro=n_micro)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, *, eps: float = 1e-8, reduce=None) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; ``reduce`` sums across processes when distributed."""
+    """(x - mean) / std over the masked entries, with the population variance clamped at ``eps`` (as
+    OpenRLHF 0.6.3 whitens advantages); ``reduce`` sums across processes when distributed."""
     stats = torch.stack([masked_sum(x, mask), masked_sum(x.square(), mask), mask.sum().to(x.dtype)]).float()
     if reduce is not None:
         stats = reduce(stats)
     total, total_sq, n = stats.unbind()
     mean = total / n.clamp(min=1)
-    var = (total_sq / n.clamp(min=1) - mean.square()).clamp(min=0) * n / (n - 1).clamp(min=1)
-    return ((x - mean) * torch.rsqrt(var + eps)).masked_fill(~mask, 0.0)
+    var = total_sq / n.clamp(min=1) - mean.square()
+    return ((x - mean) * torch.rsqrt(var.clamp(min=eps))).masked_fill(~mask, 0.0)
 
 
 def cosine_schedule(total_steps: int, warmup_steps: int, min_ratio: float):
@@ -243,13 +257,15 @@ def policy_logits(model, exp: Experience) -> torch.Tensor:
     return out.logits[:, :-1]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of ``tokens`` under ``softmax(logits / temperature)``: RL scores at the sampling temperature,
+    as the paper's OpenRLHF does, so ratios and KL compare the distribution that was sampled."""
+    logits = logits.float() / temperature
     return logits.gather(-1, tokens[..., None])[..., 0] - logits.logsumexp(-1)
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = logits.float().log_softmax(-1)
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logp = (logits.float() / temperature).log_softmax(-1)
     return -(logp.exp() * logp).sum(-1)
 
 
@@ -259,10 +275,18 @@ def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def annotate(exp: Experience, policy, *, ref=None, critic=None, micro_batch_size: int = 16,
-             autocast=contextlib.nullcontext) -> Experience:
-    """One no-grad pass per model over the rollout: old log-probs and entropy, reference log-probs, values."""
+             autocast=contextlib.nullcontext, temperature: float = 1.0,
+             sampled_logprobs: torch.Tensor | None = None) -> tuple[Experience, float | None]:
+    """One no-grad pass per model over the rollout: old log-probs and entropy (at the sampling
+    ``temperature``), reference log-probs (same temperature), values.
+
+    Also returns the summed |difference| between ``sampled_logprobs`` (the rollout engine's, at
+    temperature 1) and this pass's temperature-1 log-probs: a check that sampling and training see the
+    same model (None without ``sampled_logprobs``).
+    """
     n, width = len(exp), exp.response_ids.shape[1]
     old, ent = torch.zeros(n, width), torch.zeros(n, width)
+    raw = torch.zeros(n, width) if sampled_logprobs is not None else None
     ref_lp = torch.zeros(n, width) if ref is not None else None
     values = torch.zeros(n, width) if critic is not None else None
     for idx in micro_batches(exp, torch.arange(n), micro_batch_size):
@@ -270,12 +294,14 @@ def annotate(exp: Experience, policy, *, ref=None, critic=None, micro_batch_size
         mb = exp.select(idx)
         with autocast():
             logits = policy_logits(policy, mb)
-            old[idx, :logits.shape[1]] = token_logprobs(logits, mb.response_ids).cpu()
-            ent[idx, :logits.shape[1]] = token_entropy(logits).cpu()
+            old[idx, :logits.shape[1]] = token_logprobs(logits, mb.response_ids, temperature).cpu()
+            ent[idx, :logits.shape[1]] = token_entropy(logits, temperature).cpu()
+            if raw is not None:
+                raw[idx, :logits.shape[1]] = token_logprobs(logits, mb.response_ids).cpu()
             del logits
             if ref is not None:
                 logits = policy_logits(ref, mb)
-                ref_lp[idx, :logits.shape[1]] = token_logprobs(logits, mb.response_ids).cpu()
+                ref_lp[idx, :logits.shape[1]] = token_logprobs(logits, mb.response_ids, temperature).cpu()
                 del logits
             if critic is not None:
                 v = critic(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
@@ -283,7 +309,8 @@ def annotate(exp: Experience, policy, *, ref=None, critic=None, micro_batch_size
     dev = exp.response_ids.device
     mask = exp.response_mask.cpu()
     put = lambda x: None if x is None else x.masked_fill(~mask, 0.0).to(dev)
-    return replace(exp, old_logprobs=put(old), entropy=put(ent), ref_logprobs=put(ref_lp), values=put(values))
+    gap = None if raw is None else float(masked_sum((sampled_logprobs.cpu().float() - raw).abs(), mask))
+    return replace(exp, old_logprobs=put(old), entropy=put(ent), ref_logprobs=put(ref_lp), values=put(values)), gap
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -494,7 +521,8 @@ class PolicyGradientTrainer:
     def advantages(self, exp: Experience) -> tuple[Experience, dict]:
         raise NotImplementedError
 
-    def extra_loss(self, mb: Experience, logp: torch.Tensor, n_seqs: int, n_tokens: int) -> torch.Tensor | None:
+    def extra_loss(self, mb: Experience, logp: torch.Tensor, counts: dict) -> torch.Tensor | None:
+        """An extra loss term of one micro-batch (``counts``: the minibatch totals ``aggregate`` takes)."""
         return None
 
     def group_size(self) -> int:
@@ -521,8 +549,9 @@ class PolicyGradientTrainer:
         exp = Experience(prompt_ids=batch.prompt_ids.to(dev), prompt_mask=batch.prompt_mask.to(dev),
                          response_ids=batch.response_ids.to(dev), response_mask=batch.response_mask.to(dev),
                          rewards=rewards.to(dev), group=torch.arange(len(flat), device=dev) // k)
-        exp = annotate(exp, self.policy, ref=self.ref, critic=self.critic, micro_batch_size=self.s.micro_batch_size,
-                       autocast=self.accel.autocast)
+        exp, gap = annotate(exp, self.policy, ref=self.ref, critic=self.critic,
+                            micro_batch_size=self.s.micro_batch_size, autocast=self.accel.autocast,
+                            temperature=self.s.temperature, sampled_logprobs=batch.logprobs)
         n_tok = int(batch.response_mask.sum())
         prompt_texts = self.tok.batch_decode(prompts, skip_special_tokens=True)
         records = [dict(prompt=prompt_texts[i // k], completion=t, format=sc.format, correct=sc.correct,
@@ -532,7 +561,7 @@ class PolicyGradientTrainer:
         mask = exp.response_mask
         info = {"rollout_s": rollout_s, "score_s": score_s, "tokens": n_tok,
                 "entropy_sum": float(masked_sum(exp.entropy, mask)),
-                "logprob_gap_sum": float(masked_sum((batch.logprobs.to(dev).float() - exp.old_logprobs).abs(), mask))}
+                "logprob_gap_sum": gap}
         if exp.ref_logprobs is not None:
             info["kl_sum"] = float(masked_sum(kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1"), mask))
         if exp.values is not None:
@@ -554,20 +583,20 @@ class PolicyGradientTrainer:
 
     def _minibatch_step(self, exp: Experience, idx: torch.Tensor) -> dict:
         s, mbs = self.s, self.s.micro_batch_size
-        n_seqs = len(idx)
-        n_tokens = int(exp.response_mask[idx].sum())
         totals = dict(clip=0.0, approx_kl=0.0, ratio_dev=0.0, policy_loss=0.0, value_loss=0.0)
         self.policy.train()
         chunks = micro_batches(exp, idx, mbs)
+        n_tokens = int(exp.response_mask[idx].sum())
+        counts = {"n_seqs": len(idx), "n_tokens": n_tokens, "n_micro": len(chunks)}
         for j, chunk in enumerate(chunks):
             mb = exp.select(chunk)
             mask = mb.response_mask
             last = j == len(chunks) - 1
             with self.accel.no_sync(self.policy, last), self.accel.autocast():
-                logp = token_logprobs(policy_logits(self.policy, mb), mb.response_ids)
+                logp = token_logprobs(policy_logits(self.policy, mb), mb.response_ids, s.temperature)
                 loss, st = clipped_policy_loss(logp, mb.old_logprobs, mb.advantages, mask, s.clip_eps, s.loss_agg,
-                                               n_seqs=n_seqs, n_tokens=n_tokens)
-                extra = self.extra_loss(mb, logp, n_seqs, n_tokens)
+                                               **counts)
+                extra = self.extra_loss(mb, logp, counts)
                 self.accel.backward(loss if extra is None else loss + extra)
             totals["policy_loss"] += float(loss.detach())
             totals["clip"] += st["clipped"]
@@ -576,8 +605,7 @@ class PolicyGradientTrainer:
             if self.critic is not None:
                 with self.accel.no_sync(self.critic, last), self.accel.autocast():
                     v = self.critic(mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask)
-                    vloss = clipped_value_loss(v, mb.values, mb.returns, mask, s.value_clip, s.loss_agg,
-                                               n_seqs=n_seqs, n_tokens=n_tokens)
+                    vloss = clipped_value_loss(v, mb.values, mb.returns, mask, s.value_clip, s.loss_agg, **counts)
                     self.accel.backward(vloss)
                 totals["value_loss"] += float(vloss.detach())
         out = {"clip_frac": totals["clip"] / max(1, n_tokens), "approx_kl": totals["approx_kl"] / max(1, n_tokens),

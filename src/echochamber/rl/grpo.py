@@ -30,8 +30,8 @@ class GRPOTrainer(PolicyGradientTrainer):
         exp.advantages = adv[:, None].expand_as(exp.response_ids).masked_fill(~exp.response_mask, 0.0).contiguous()
         return exp, {"zero_std_groups": float(flat.float().mean())}
 
-    def extra_loss(self, mb: Experience, logp, n_seqs: int, n_tokens: int):
+    def extra_loss(self, mb: Experience, logp, counts: dict):
         if not self.s.kl or mb.ref_logprobs is None:
             return None
         kl = kl_estimate(logp, mb.ref_logprobs, self.s.grpo.kl_estimator, mb.response_mask)
-        return self.s.kl * aggregate(kl, mb.response_mask, self.s.loss_agg, n_seqs=n_seqs, n_tokens=n_tokens)
+        return self.s.kl * aggregate(kl, mb.response_mask, self.s.loss_agg, **counts)

@@ -16,15 +16,15 @@ from echochamber.rl.core import Experience, PolicyGradientTrainer, kl_estimate, 
 
 
 class Critic(nn.Module):
-    """The policy's trunk (a copy, trained separately) with a small-initialised scalar value head."""
+    """The policy's trunk (a copy, trained separately) with a small-initialised, bias-free scalar value head
+    (OpenRLHF 0.6.3's ``value_head``)."""
 
     def __init__(self, policy, *, init_std: float | None = None):
         super().__init__()
         self.trunk = copy.deepcopy(policy.model)
         d = policy.config.hidden_size
-        self.head = nn.Linear(d, 1)
+        self.head = nn.Linear(d, 1, bias=False)
         nn.init.normal_(self.head.weight, std=init_std if init_std is not None else 1.0 / (d + 1))
-        nn.init.zeros_(self.head.bias)
         self.to(next(policy.parameters()).dtype)
 
     def forward(self, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:

@@ -35,7 +35,7 @@ DEFAULTS: dict = {
     "reward_clip": [-10.0, 10.0],
     "gamma": 1.0,
     "lam": 0.95,
-    "loss_agg": "seq_mean",
+    "loss_agg": "microbatch_token_mean",   # the paper's packed runs (core.aggregate)
     "truncated": "score",
     "n_checkpoints": 15,
     "samples_logged": 64,
