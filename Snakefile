@@ -13,6 +13,9 @@ if not workflow.overwrite_configfiles:
 
 
 
+report: "rules/report/workflow.rst"     # `snakemake --report report.zip`: figures, findings, runtimes
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/pretrain.smk"

@@ -42,7 +42,7 @@ wildcard_constraints:
     mixture=r"[A-Za-z0-9_.]+",
     scale=r"[A-Za-z0-9.]+",
     algo="|".join(ec_grid.ALGOS),
-    kl=r"[0-9.e-]+",
+    kl=r"[0-9.e+-]+",
     seed=r"\d+",
     benchmark=r"[A-Za-z0-9_]+",
 
@@ -163,4 +163,4 @@ def store_cells():
 
 
 def results_outputs():
-    return [f"{R}/echo.duckdb", f"{R}/report.html", f"{R}/summary.txt"]
+    return [f"{R}/echo.duckdb", f"{R}/report.html", f"{R}/summary.txt", f"{R}/findings.tsv"]

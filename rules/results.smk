@@ -27,11 +27,13 @@ rule report:
     conda:
         CONDA_ENV
     output:
-        html=f"{R}/report.html",
+        html=report(f"{R}/report.html", category="Report", caption="report/workflow.rst"),
         summary=f"{R}/summary.txt",
-        figures=directory(f"{R}/figures"),
+        findings=report(f"{R}/findings.tsv", category="Findings", caption="report/findings.rst"),
+        figures=report(directory(f"{R}/figures"), patterns=["{name}.png"], category="Figures",
+                       caption="report/figures.rst"),
     input:
-        [SRC / f for f in ("plots.py", "report.py", "store.py")],
+        [SRC / f for f in ("plots.py", "report.py", "store.py", "findings.py")],
         sorted(Path(workflow.basedir, "queries").glob("*.sql")),
         db=f"{R}/echo.duckdb",
     params:

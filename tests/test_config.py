@@ -87,3 +87,41 @@ def test_grid_expansion_and_exclusion():
     assert cells[0].id.count("=") == 5 and "kl=0/" in cells[0].id
     assert grid.kl_str(0.001) == "0.001" and grid.kl_str(0) == "0"
     assert len(grid.pretrain_cells(cfg)) == 4
+
+
+# --- the grid is a set of buildable cells --------------------------------------------------------------
+
+GRID_BAD = {
+    "duplicate_mixture": (lambda c: c["grid"].update(mixtures=c["grid"]["mixtures"] * 2), ["grid.mixtures", "twice"]),
+    "duplicate_scale": (lambda c: c["grid"].update(scales=["s", "xs", "s"]), ["grid.scales", "'s'", "twice"]),
+    "duplicate_seed": (lambda c: c["grid"].update(seeds=[0, 1, 0]), ["grid.seeds", "0", "twice"]),
+    "kl_equal_as_numbers": (lambda c: c["grid"]["algos"]["ppo"].update(kl=[0.01, 1.0e-2]), ["grid.algos.ppo.kl", "equal", "kl=0.01"]),
+    "kl_same_path": (lambda c: c["grid"]["algos"]["ppo"].update(kl=[0.001, 0.0010000001]), ["grid.algos.ppo.kl", "too close", "kl=0.001"]),
+    "no_cells_left": (lambda c: c["grid"].update(exclude=[{"scale": z} for z in c["grid"]["scales"]]), ["grid", "no cells"]),
+    "1B_without_gpus": (lambda c: c["grid"].update(scales=["1B"]), ["pretrain.gpus", "1B", "not meant for CPUs"]),
+    "1B_rl_without_gpus": (lambda c: (c["grid"].update(scales=["1B"]), c["pretrain"].update(gpus=8)),
+                           ["rl.gpus", "1B", "not meant for CPUs"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRID_BAD))
+def test_grid_mistakes_are_one_sentence_before_any_job(name):
+    fn, words = GRID_BAD[name]
+    with pytest.raises(ec_config.ConfigError) as err:
+        ec_config.validate(mutate(fn), origin="my.yaml")
+    msg = str(err.value)
+    assert msg.startswith("my.yaml: ") and "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_every_accepted_kl_value_is_a_cell_path_the_workflow_builds(tmp_path):
+    """Large and exponent-form KL values plan their cells (the wildcard accepts every spelling kl_str makes)."""
+    cfg = tiny_config(tmp_path / "results")
+    cfg["grid"]["algos"] = {"ppo": {"kl": [0, 1e-05, 0.001, 2.5, 1e20]}}
+    ec_config.validate(cfg, origin="cfg")
+    path = write_config(tmp_path / "config.yaml", cfg)
+    dry = snakemake("-n", "--cores", "1", f"--configfile={path}", cwd=tmp_path)
+    out = dry.stdout + dry.stderr
+    for spelling in ("0", "1e-05", "0.001", "2.5", "1e+20"):
+        assert f"algo=ppo/kl={spelling}/seed=0" in out, spelling

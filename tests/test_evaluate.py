@@ -341,6 +341,14 @@ def test_workflow_evaluates_ingests_and_reports(world, tmp_path):
         assert con.execute("SELECT count(*) FROM evals").fetchone()[0] == 5
     finally:
         con.close()
+    # the findings table beside the report, and Snakemake's own report holding it with the figures
+    found = (res / "findings.tsv").read_text().splitlines()
+    assert found[0].split("\t")[:3] == ["finding", "name", "verdict"] and len(found) == 8
+    run("--report", str(tmp_path / "report.zip"))
+    import zipfile
+
+    names = zipfile.ZipFile(tmp_path / "report.zip").namelist()
+    assert any(n.endswith("findings.tsv") for n in names) and any(n.endswith(".png") for n in names)
     summary = (res / "summary.txt").read_text()
     assert "as_fm3_tg_omi1_omi2 · s · ppo · KL 0 · seed 0" in summary and "before RL (step     0)" in summary
     assert (res / "report.html").exists() and (res / "figures" / "figures.json").exists()

@@ -76,6 +76,14 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_findings(args) -> int:
+    from echochamber import findings
+
+    db = args.db or findings.default_db()
+    print(findings.table(findings.judge(db)))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="echochamber", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -109,6 +117,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--db", default="results/echo.duckdb")
     s.add_argument("--format", choices=["table", "csv", "json"], default="table")
     s.set_defaults(func=cmd_sql)
+
+    s = sub.add_parser("findings", help="the paper's findings F1-F7 as this grid's store shows them, with verdicts")
+    s.add_argument("--db", default=None, help="the store (default: the one of config.yaml in this folder)")
+    s.set_defaults(func=cmd_findings)
 
     s = sub.add_parser("summary", help="per cell: format shares and pass@1 before and after RL")
     s.add_argument("--db", default="results/echo.duckdb")

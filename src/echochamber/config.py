@@ -116,3 +116,60 @@ def _check_references(config: dict, origin: str) -> None:
         if scale["d_model"] % scale["n_heads"]:
             raise ConfigError(f"{origin}: scales.{name}: d_model {scale['d_model']} is not divisible "
                               f"by n_heads {scale['n_heads']}")
+    _check_grid(config, origin)
+
+
+# A model whose transformer blocks hold this many parameters or more is not meant for CPUs.
+GPU_ONLY_PARAMS = 100_000_000
+
+
+def _block_params(scale: dict) -> int:
+    """Parameters in the transformer blocks (attention 4 d^2 + SwiGLU 3 d h per layer)."""
+    d, h = int(scale["d_model"]), int(scale["mlp_hidden"])
+    return int(scale["n_layers"]) * (4 * d * d + 3 * d * h)
+
+
+def _check_grid(config: dict, origin: str) -> None:
+    """The grid is a set of buildable cells: no duplicates (KL values equal as numbers included), every
+    KL value a distinct cell path, at least one cell, and no large model without GPUs."""
+    from echochamber import grid as ec_grid
+
+    g = config["grid"]
+    for key in ("mixtures", "scales", "seeds"):
+        _no_duplicates(f"grid.{key}", g[key], origin)
+    for algo, spec in g.get("algos", {}).items():
+        paths = {}
+        for kl in spec["kl"]:
+            path = ec_grid.kl_str(kl)
+            if path in paths:
+                same = "equal" if float(paths[path]) == float(kl) else "too close to tell apart in a cell path"
+                raise ConfigError(f"{origin}: grid.algos.{algo}.kl: {paths[path]!r} and {kl!r} are {same} "
+                                  f"(both kl={path}); list each coefficient once")
+            paths[path] = kl
+    if not ec_grid.pretrain_cells(config) and not ec_grid.rl_cells(config):
+        raise ConfigError(f"{origin}: grid: no cells are left (grid.exclude removes every combination of "
+                          f"grid.mixtures, grid.scales and grid.seeds)")
+    scales_used = {c.scale for c in ec_grid.pretrain_cells(config)}
+    released = {z for by_scale in (config.get("base_models") or {}).values() for z in (by_scale or {})}
+    pretrain = config.get("pretrain", {})
+    for name in sorted(scales_used):
+        n = _block_params(config["scales"][name])
+        if n < GPU_ONLY_PARAMS:
+            continue
+        gpus = (pretrain.get("per_scale", {}).get(name, {}) or {}).get("gpus", pretrain.get("gpus", 0))
+        if name not in released and not gpus:
+            raise ConfigError(f"{origin}: pretrain.gpus: scale {name} ({n / 1e6:.0f}M parameters in its blocks) "
+                              f"is not meant for CPUs; set pretrain.gpus (or pretrain.per_scale.{name}.gpus) "
+                              f"or remove {name} from grid.scales")
+        if ec_grid.rl_cells(config) and not config.get("rl", {}).get("gpus"):
+            raise ConfigError(f"{origin}: rl.gpus: scale {name} ({n / 1e6:.0f}M parameters in its blocks) is "
+                              f"not meant for CPUs; set rl.gpus or remove {name} from grid.scales")
+
+
+def _no_duplicates(field: str, values: list, origin: str) -> None:
+    seen = set()
+    for v in values:
+        key = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        if key in seen:
+            raise ConfigError(f"{origin}: {field}: {v!r} is listed twice; a grid lists each value once")
+        seen.add(key)

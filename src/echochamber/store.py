@@ -25,6 +25,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from echochamber.formats import FORMATS as ANSWER_FORMATS
 from echochamber.io import atomic_path
 
 QUERIES_DIR = Path(__file__).resolve().parents[2] / "queries"
@@ -47,8 +48,8 @@ class TableSpec:
     renames: dict[str, str] = field(default_factory=dict)  # file columns that collide with coordinates
 
 
-_SHARES = {f"share_{f}": "DOUBLE" for f in ("tinygsm", "omi1", "text")}
-_ACCS = {f"acc_{f}": "DOUBLE" for f in ("tinygsm", "omi1", "text")}
+_SHARES = {f"share_{f}": "DOUBLE" for f in ANSWER_FORMATS}
+_ACCS = {f"acc_{f}": "DOUBLE" for f in ANSWER_FORMATS}
 
 TABLES = (
     TableSpec("pretrain_curves", "curve.parquet", (), {
@@ -89,6 +90,52 @@ VIEWS = {
                             AND r.kl = c.kl AND r.seed = c.seed AND r.benchmark = e.benchmark
                             AND r.step = e.step)""",
 }
+
+# One row per RL cell on the primary benchmark (the first configured): what the findings (F1-F7,
+# echochamber.findings) are judged on. ``winner``: the most common format; ``collapse_step``: the first
+# rollout step at which one format holds at least 90% of the samples; ``gain_step``: the checkpoint that
+# ends the interval with the largest pass@1 gain; ``episode_end``: the last step of the first episode.
+_TOP_SHARE = "greatest(" + ", ".join(f"coalesce(share_{f}, 0)" for f in ANSWER_FORMATS) + ")"
+_WINNER = "CASE " + " ".join(f"WHEN coalesce(share_{f}, 0) = {_TOP_SHARE} THEN '{f}'" for f in ANSWER_FORMATS) + " END"
+
+
+def _of_format(column: str, fmt: str, table: str) -> str:
+    """SQL for ``table.<column>_<f>`` where ``f`` is the format named by the SQL expression ``fmt``."""
+    return "CASE " + " ".join(f"WHEN {fmt} = '{f}' THEN {table}.{column}_{f}" for f in ANSWER_FORMATS) + " END"
+
+
+VIEWS["rl_outcomes"] = f"""
+    WITH curve AS (
+        SELECT *, {_TOP_SHARE} AS top_share, {_WINNER} AS top_format,
+               pass1 - lag(pass1) OVER (PARTITION BY mixture, scale, algo, kl, seed ORDER BY step) AS gain
+        FROM eval_curves
+        WHERE benchmark = (SELECT json_extract_string(value, '$[0]') FROM meta WHERE key = 'benchmarks')
+    ),
+    ends AS (
+        SELECT mixture, scale, algo, kl, seed, max(step) AS final_step, max(pass_k) AS pass_k_peak,
+               arg_max(step, gain) FILTER (WHERE gain IS NOT NULL) AS gain_step,
+               max(gain) AS gain
+        FROM curve GROUP BY ALL
+    ),
+    rollouts AS (
+        SELECT mixture, scale, algo, kl, seed,
+               min(step) FILTER (WHERE {_TOP_SHARE} >= 0.9) AS collapse_step,
+               max(step) FILTER (WHERE episode = 0) AS episode_end
+        FROM rl_steps GROUP BY ALL
+    )
+    SELECT e.mixture, e.scale, e.algo, e.kl, e.seed, e.final_step, r.episode_end, r.collapse_step,
+           e.gain_step, e.gain,
+           b.pass1 AS pass1_before, f.pass1 AS pass1_after, b.pass_k AS pass_k_before, f.pass_k AS pass_k_after,
+           e.pass_k_peak, b.maj_k AS maj_k_before, f.maj_k AS maj_k_after,
+           b.top_format AS majority_before, f.top_format AS winner, f.top_share AS winner_share_after,
+           {_of_format('share', 'f.top_format', 'b')} AS winner_share_before,
+           {_of_format('acc', 'f.top_format', 'b')} AS winner_acc_before,
+           {_of_format('acc', 'b.top_format', 'b')} AS majority_acc_before
+    FROM ends e
+    JOIN curve f USING (mixture, scale, algo, kl, seed)
+    JOIN curve b USING (mixture, scale, algo, kl, seed)
+    LEFT JOIN rollouts r USING (mixture, scale, algo, kl, seed)
+    WHERE f.step = e.final_step AND b.step = 0"""
 
 _KEY = re.compile(r"^(mixture|scale|algo|kl|seed|benchmark|step)=(.+)$")
 
@@ -295,12 +342,12 @@ def build(db_path: str | os.PathLike, files: list[str | os.PathLike], cells: lis
                 con.executemany("INSERT INTO cells VALUES (?, ?, ?, ?, ?, ?, ?)",
                                 [tuple(r.values()) for r in status])
             counts["cells"] = len(status)
-            for name, sql in VIEWS.items():
-                con.execute(f"CREATE VIEW {name} AS {sql}")
             meta = {"built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "benchmarks": json.dumps(list(benchmarks)), "n_files": str(len(files))}
             con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
             con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
+            for name, sql in VIEWS.items():     # after meta: rl_outcomes reads the primary benchmark there
+                con.execute(f"CREATE VIEW {name} AS {sql}")
             con.execute("CHECKPOINT")
         except duckdb.Error as e:
             raise StoreError(f"building {db_path} failed: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,133 @@
+"""`echochamber findings`: the paper's F1-F7 judged from a store, each by its saved query and a fixed criterion."""
+
+import subprocess
+import sys
+
+import pytest
+
+from echochamber import findings, store
+from echochamber.formats import FORMATS
+from test_store import _write
+
+BASE_SHARES = {"tinygsm": 0.4, "omi1": 0.45, "text": 0.15}
+
+
+def shares(winner: str | None, t: float, start=BASE_SHARES) -> dict:
+    """``start`` moved a fraction ``t`` of the way onto ``winner``."""
+    return {f: (1 - t) * start[f] + t * (f == winner) for f in FORMATS}
+
+
+def metric(step, sh, pass1, pass_k, maj_k, accs=None):
+    accs = accs or {"tinygsm": 0.6, "omi1": 0.5, "text": 0.0}
+    return {"step": step, "n_problems": 64, "n_samples": 4, "k": 4, "temperature": 0.7, "top_p": 0.95,
+            "pass1": pass1, "pass_k": pass_k, "maj_k": maj_k, "mean_acc": pass1,
+            **{f"share_{f}": sh[f] for f in FORMATS}, **{f"acc_{f}": accs[f] for f in FORMATS},
+            "unparsable_rate": 0.0, "response_len": 80.0, "trunc_rate": 0.0}
+
+
+def write_cell(root, cell, *, winner="omi1", collapse_at=4, steps=10, checkpoints=(1, 3, 10),
+               pass1=(0.5, 0.55, 0.7, 0.72), pass_k=(0.8, 0.85, 0.8, 0.7), maj_k=(0.5, 0.6, 0.65, 0.7),
+               final_t=1.0, hard=(0.05, 0.1), accs=None):
+    """One RL cell (and its base model's evaluations): rollout shares reach 90%+ at ``collapse_at``
+    (never when None); ``pass1``/``pass_k``/``maj_k`` are at step 0 and each checkpoint."""
+    m, z, a, kl, s = (cell[k] for k in ("mixture", "scale", "algo", "kl", "seed"))
+    cid = f"mixture={m}/scale={z}/algo={a}/kl={kl:g}/seed={s}"
+    files = []
+    rows = []
+    for step in range(1, steps + 1):
+        t = 0.95 if collapse_at is not None and step >= collapse_at else 0.5 * step / steps
+        rows.append({"step": step, "episode": 0, "reward": 0.5, **{f"share_{f}": v for f, v in shares(winner, t).items()}})
+    files.append(_write(rows, root / f"rl/{cid}/steps.parquet"))
+    evals = [metric(st, shares(winner, final_t * i / len(checkpoints)), pass1[i], pass_k[i], maj_k[i], accs)
+             for i, st in enumerate(checkpoints, start=1)]
+    files.append(_write(evals, root / f"eval/{cid}/benchmark=test/metrics.parquet"))
+    files.append(_write([metric(checkpoints[-1], shares(winner, final_t), hard[1], hard[1], hard[1])],
+                        root / f"eval/{cid}/benchmark=hard/metrics.parquet"))
+    base = root / f"eval/mixture={m}/scale={z}/algo=base/kl=0/seed={s}"
+    files.append(_write([metric(0, BASE_SHARES, pass1[0], pass_k[0], maj_k[0], accs)], base / "benchmark=test/metrics.parquet"))
+    files.append(_write([metric(0, BASE_SHARES, hard[0], hard[0], hard[0])], base / "benchmark=hard/metrics.parquet"))
+    return files
+
+
+def build(tmp_path, cells):
+    files = sorted({f for c in cells for f in write_cell(tmp_path, c["cell"], **c.get("kw", {}))})
+    db = tmp_path / "echo.duckdb"
+    store.build(db, files, benchmarks=["test", "hard"])
+    return {f.id: f for f in findings.judge(db)}, db
+
+
+def cell(algo="ppo", kl=0.0, seed=0, mixture="mix", scale="s"):
+    return {"mixture": mixture, "scale": scale, "algo": algo, "kl": kl, "seed": seed}
+
+
+def test_the_embedded_grid_measures_five_findings_and_names_the_cells_the_others_need(tmp_path):
+    grid = [{"cell": cell("ppo")}, {"cell": cell("grpo")},
+            {"cell": cell("ppo", 0.01), "kw": {"final_t": 0.6, "collapse_at": None, "pass_k": (0.8, 0.85, 0.85, 0.85)}},
+            {"cell": cell("ei"), "kw": {"steps": 3, "checkpoints": (1, 2, 3), "final_t": 0.4, "collapse_at": None,
+                                        "pass1": (0.5, 0.55, 0.6, 0.62)}}]
+    got, db = build(tmp_path, grid)
+    assert list(got) == ["F1", "F2", "F3", "F4", "F5", "F6", "F7"]
+    assert got["F1"].verdict == findings.REPRODUCED and "2/2 cells" in got["F1"].numbers
+    assert got["F2"].verdict == findings.REPRODUCED
+    assert got["F3"].verdict == findings.REPRODUCED and "KL 0.01" in got["F3"].numbers
+    assert got["F4"].verdict == findings.NOT_MEASURABLE and "mixtures" in got["F4"].numbers
+    assert got["F5"].verdict == findings.NOT_MEASURABLE and "scales" in got["F5"].numbers
+    assert got["F6"].verdict == findings.REPRODUCED
+    assert got["F7"].verdict == findings.REPRODUCED and "hard" in got["F7"].numbers
+    # every finding reads a saved query over the store, which users can run themselves
+    for n in range(1, 8):
+        assert any(name.startswith(f"finding_f{n}_") for name in store.saved_queries())
+
+
+def test_collapse_late_or_never_is_not_reproduced(tmp_path):
+    late, _ = build(tmp_path / "late", [{"cell": cell("ppo"), "kw": {"collapse_at": 10, "steps": 10}},
+                                        {"cell": cell("grpo")}])
+    # the largest pass@1 gain ends at step 3, collapse at step 10 of 10: more than 5 steps apart
+    assert late["F1"].verdict == findings.NOT_REPRODUCED and "1/2 cells" in late["F1"].numbers
+    never, _ = build(tmp_path / "never", [{"cell": cell("ppo"), "kw": {"collapse_at": None}}])
+    assert never["F1"].verdict == findings.NOT_REPRODUCED
+
+
+def test_kl_that_keeps_nothing_does_not_reproduce_f3(tmp_path):
+    got, _ = build(tmp_path, [{"cell": cell("ppo")}, {"cell": cell("ppo", 0.01)}])
+    assert got["F3"].verdict == findings.NOT_REPRODUCED
+
+
+def test_scale_and_winner_with_two_scales_and_two_mixtures(tmp_path):
+    prose_at_scale = [{"cell": cell(scale="s"), "kw": {"winner": "tinygsm"}},
+                      {"cell": cell(scale="m"), "kw": {"winner": "text"}},
+                      {"cell": cell(mixture="mix2", scale="s"), "kw": {"winner": "omi1"}}]
+    got, _ = build(tmp_path / "a", prose_at_scale)
+    assert got["F5"].verdict == findings.REPRODUCED and "s -> tinygsm" in got["F5"].numbers
+    # the base majority is omi1 (45%): two of three cells were won by another format
+    assert got["F4"].verdict == findings.REPRODUCED and got["F4"].numbers.startswith("2/3 cells")
+    same, _ = build(tmp_path / "b", [{"cell": cell(scale="s")}, {"cell": cell(scale="m")},
+                                     {"cell": cell(mixture="mix2")}])
+    assert same["F5"].verdict == findings.NOT_REPRODUCED and same["F4"].verdict == findings.NOT_REPRODUCED
+
+
+def test_numbers_spread_over_seeds(tmp_path):
+    got, _ = build(tmp_path, [{"cell": cell(seed=0)}, {"cell": cell(seed=1), "kw": {"collapse_at": 6}}])
+    assert "collapse step 5 ± 1.4 (n=2)" in got["F1"].numbers
+    assert findings.spread([0.5]) == "0.5" and findings.spread([None]) == "-"
+
+
+def test_cli_prints_seven_rows_and_a_missing_store_in_one_line(tmp_path):
+    _, db = build(tmp_path, [{"cell": cell("ppo")}])
+    out = subprocess.run([sys.executable, "-m", "echochamber.cli", "findings", "--db", str(db)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["finding", "name", "verdict"]
+    assert [ln.split()[0] for ln in lines[1:]] == [f"F{n}" for n in range(1, 8)]
+    missing = subprocess.run([sys.executable, "-m", "echochamber.cli", "findings", "--db", str(tmp_path / "no.duckdb")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "no.duckdb" in missing.stderr
+
+
+def test_default_store_is_the_one_of_the_config_here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert findings.default_db() == findings.Path("results/echo.duckdb")
+    (tmp_path / "config.yaml").write_text("results: out\n")
+    assert findings.default_db() == findings.Path("out/echo.duckdb")
