@@ -303,3 +303,59 @@ def test_saved_queries_answer_the_papers_questions(results):
     assert [r["step"] for r in shares if r["kl"] == 0.0 and r["benchmark"] == "test"] == list(STEPS)
     path_form = store.query(db, str(store.QUERIES_DIR / "winning_format.sql"), fmt="csv")
     assert path_form == store.query(db, "winning_format", fmt="csv")
+
+
+# --- the store never guesses: every input checked against its table, each cell once ------------------
+
+def _rewrite(path: Path, fn) -> None:
+    table = pq.read_table(path)
+    pq.write_table(fn(table), path)
+
+
+@pytest.mark.parametrize("fault, words", [
+    ("truncated", ["is not a readable parquet file", "rule rl"]),
+    ("missing_column", ["lacks the column(s) reward", "rule rl"]),
+    ("wrong_type", ["column reward holds string", "needs DOUBLE", "rule rl"]),
+])
+def test_a_bad_input_file_is_one_sentence_naming_it_and_its_rule(results, fault, words):
+    root, files, grid = results
+    db = root / "echo.duckdb"
+    store.build(db, files, cells=grid)
+    before = db.read_bytes()
+    bad = root / "rl/mixture=mixA/scale=s/algo=ppo/kl=0.01/seed=0/steps.parquet"
+    if fault == "truncated":
+        data = bad.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    elif fault == "missing_column":
+        _rewrite(bad, lambda t: t.drop(["reward"]))
+    else:
+        _rewrite(bad, lambda t: t.set_column(t.column_names.index("reward"), "reward",
+                                             pa.array([str(v) for v in t["reward"].to_pylist()])))
+    with pytest.raises(store.StoreError) as e:
+        store.build(db, files, cells=grid)
+    msg = str(e.value)
+    assert str(bad) in msg and "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+    assert db.read_bytes() == before          # the previous complete store stays
+
+
+def test_evaluation_files_name_the_rule_of_their_cell(results):
+    root, files, grid = results
+    base = root / "eval/mixture=mixA/scale=s/algo=base/kl=0/seed=0/benchmark=test/metrics.parquet"
+    _rewrite(base, lambda t: t.drop(["pass1"]))
+    with pytest.raises(store.StoreError, match="rule eval_base"):
+        store.build(root / "echo.duckdb", files, cells=grid)
+
+
+def test_the_same_cell_twice_is_an_error(results, tmp_path):
+    root, files, grid = results
+    with pytest.raises(store.StoreError, match="same cell of table rl_steps"):
+        store.build(root / "echo.duckdb", files + [files[[Path(f).name for f in files].index("steps.parquet")]])
+    # a copy of a cell's file under another name of the same cell (e.g. kl=0.010 beside kl=0.01)
+    src = next(f for f in files if "kl=0.01/" in f and f.endswith("steps.parquet"))
+    twin = Path(src.replace("kl=0.01/", "kl=0.010/"))
+    twin.parent.mkdir(parents=True)
+    twin.write_bytes(Path(src).read_bytes())
+    with pytest.raises(store.StoreError, match="same cell"):
+        store.build(root / "echo.duckdb", files + [str(twin)])

@@ -44,7 +44,7 @@ class TableSpec:
     name: str
     file: str                      # the per-cell file name that feeds this table
     path_keys: tuple[str, ...]     # coordinates read from the path (beyond COORDS)
-    columns: dict[str, str]        # documented value columns (added as NULL when a file lacks them)
+    columns: dict[str, str]        # documented value columns: every file must hold them
     renames: dict[str, str] = field(default_factory=dict)  # file columns that collide with coordinates
 
 
@@ -185,15 +185,55 @@ def _ident(s: str) -> str:
     return '"' + s.replace('"', '""') + '"'
 
 
-def _check_readable(files: list[str]) -> None:
+# The workflow rule that writes each table's files (named in errors, so the advice can be followed).
+_WRITERS = {"pretrain_curves": "pretrain", "rl_steps": "rl", "samples": "rl"}
+_ARROW_KINDS = {"DOUBLE": ("integer", "floating"), "INTEGER": ("integer",), "BIGINT": ("integer",),
+                "VARCHAR": ("string",), "BOOLEAN": ("boolean",)}
+
+
+def _writer(spec: TableSpec, f: str) -> str:
+    if spec.name in _WRITERS:
+        return _WRITERS[spec.name]
+    return "eval_base" if coordinates(f, spec.path_keys)["algo"] == BASE_ALGO else "eval_rl"
+
+
+def _arrow_kind(t: pa.DataType) -> str:
+    for kind, test in (("integer", pa.types.is_integer), ("floating", pa.types.is_floating),
+                       ("string", lambda x: pa.types.is_string(x) or pa.types.is_large_string(x)),
+                       ("boolean", pa.types.is_boolean), ("null", pa.types.is_null)):
+        if test(t):
+            return kind
+    return str(t)
+
+
+def _check_files(spec: TableSpec, files: list[str]) -> None:
+    """Every file is readable parquet holding each documented column with a compatible type, and no cell
+    appears twice; otherwise one sentence naming the file and the rule that writes it."""
     import pyarrow.parquet as pq
 
+    seen: dict[tuple, str] = {}
     for f in files:
+        key = (*cell_key(c := coordinates(f, spec.path_keys)), *(c[k] for k in spec.path_keys))
+        if key in seen:
+            raise StoreError(f"{f} and {seen[key]} are the same cell of table {spec.name}; each cell's file "
+                             f"must be listed once")
+        seen[key] = f
+        rule = _writer(spec, f)
         try:
-            pq.read_metadata(f)
+            schema = pq.read_schema(f)
         except Exception as e:  # noqa: BLE001 - any reader error means the file is unusable
-            raise StoreError(f"{f} is not a readable parquet file ({type(e).__name__}: {e}); "
-                             f"delete it and rerun the rule that writes it") from None
+            raise StoreError(f"{f} is not a readable parquet file ({type(e).__name__}); delete it and rerun "
+                             f"rule {rule}, which writes it") from None
+        have = {spec.renames.get(n, n): t for n, t in zip(schema.names, schema.types)}
+        missing = [c for c in spec.columns if c not in have]
+        if missing:
+            raise StoreError(f"{f} lacks the column(s) {', '.join(missing)} of table {spec.name}; delete it and "
+                             f"rerun rule {rule}, which writes it")
+        for col, sql_type in spec.columns.items():
+            kind = _arrow_kind(have[col])
+            if kind != "null" and kind not in _ARROW_KINDS[sql_type]:
+                raise StoreError(f"{f}: column {col} holds {have[col]} values where table {spec.name} needs "
+                                 f"{sql_type}; delete it and rerun rule {rule}, which writes it")
 
 
 def _create_table(con, spec: TableSpec, files: list[str]) -> int:
@@ -203,7 +243,7 @@ def _create_table(con, spec: TableSpec, files: list[str]) -> int:
         cols = {**coord_cols, **spec.columns}
         con.execute(f"CREATE TABLE {spec.name} ({', '.join(f'{_ident(c)} {t}' for c, t in cols.items())})")
         return 0
-    _check_readable(files)
+    _check_files(spec, files)
     rows = [coordinates(f, spec.path_keys) for f in files]
     paths = pa.table({
         "filename": pa.array(files, pa.string()),
@@ -226,9 +266,6 @@ def _create_table(con, spec: TableSpec, files: list[str]) -> int:
         expr = f"CAST(f.{_ident(c)} AS {spec.columns[new]})" if new in ("step", "sample") else f"f.{_ident(c)}"
         select.append(f"{expr} AS {_ident(new)}")
         names.add(new)
-    for c, t in spec.columns.items():   # documented columns a producer did not write read as NULL
-        if c not in names:
-            select.append(f"CAST(NULL AS {t}) AS {_ident(c)}")
     order = ", ".join(["p.mixture", "p.scale", "p.algo", "p.kl", "p.seed", *[f"p.{k}" for k in spec.path_keys]]
                       + (["step"] if "step" in names else []))
     con.execute(f"CREATE TABLE {spec.name} AS SELECT {', '.join(select)} FROM {source} f "
