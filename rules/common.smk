@@ -17,11 +17,8 @@ from echochamber.rl import settings as rl_settings
 
 CONFIG_ORIGIN = ", ".join(map(str, workflow.overwrite_configfiles)) or "config.yaml"
 try:
-    ec_config.validate(config, origin=CONFIG_ORIGIN)
-    ec_pretrain.check_config(config)
-    rl_settings.check(config)
-    ec_eval.check_config(config)
-except (ec_config.ConfigError, ec_eval.EvalError) as e:
+    ec_config.validate(config, origin=CONFIG_ORIGIN)     # the same checks as `echochamber validate`
+except ec_config.ConfigError as e:
     sys.exit(f"Config error: {e}")
 
 R = config["results"]

@@ -1,6 +1,8 @@
 """A bad config stops before any job runs, in one sentence naming the field and the allowed values."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -56,7 +58,7 @@ def test_shipped_configs_are_valid():
 def test_not_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("grid: [unclosed\n")
-    with pytest.raises(ec_config.ConfigError, match="bad.yaml is not valid YAML"):
+    with pytest.raises(ec_config.ConfigError, match="bad.yaml: YAML syntax error at line 2, column 1"):
         ec_config.load(bad)
     with pytest.raises(ec_config.ConfigError, match="does not exist"):
         ec_config.load(tmp_path / "nope.yaml")
@@ -125,3 +127,55 @@ def test_every_accepted_kl_value_is_a_cell_path_the_workflow_builds(tmp_path):
     out = dry.stdout + dry.stderr
     for spelling in ("0", "1e-05", "0.001", "2.5", "1e+20"):
         assert f"algo=ppo/kl={spelling}/seed=0" in out, spelling
+
+
+# --- one validation path: `echochamber validate` and the workflow agree ---------------------------------
+
+CROSS_FIELD = {
+    "k_above_n": (lambda c: c["eval"].update(k=8, n_samples=4), "eval.k (8) must not exceed eval.n_samples (4)"),
+    "pretrain_batch": (lambda c: c["pretrain"].update(batch_size=12, micro_batch_size=8), "pretrain.batch_size 12"),
+    "rl_train_batch": (lambda c: c["rl"].update(train_batch_size=5), "rl.train_batch_size: 5 does not divide"),
+    "ei_with_kl": (lambda c: c["grid"]["algos"].update(ei={"kl": [0.01]}), "grid.algos.ei.kl"),
+    "reward_clip_order": (lambda c: c["rl"].update(reward_clip=[1, -1]), "rl.reward_clip"),
+    "duplicate_seed": (lambda c: c["grid"].update(seeds=[0, 0]), "grid.seeds"),
+}
+
+
+def _validate_cli(path):
+    return subprocess.run([sys.executable, "-m", "echochamber.cli", "validate", str(path)],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("name", sorted(CROSS_FIELD))
+def test_validate_and_the_workflow_reject_the_same_config_with_the_same_sentence(name, tmp_path):
+    fn, words = CROSS_FIELD[name]
+    cfg = tiny_config(tmp_path / "results")
+    fn(cfg)
+    path = write_config(tmp_path / "bad.yaml", cfg)
+    cli = _validate_cli(path)
+    assert cli.returncode == 2 and words in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+    sentence = cli.stderr.strip().removeprefix("echochamber: ")
+    assert sentence.startswith(f"{path}: ")
+    wf = snakemake("-n", "--configfile", str(path), cwd=tmp_path, check=False)
+    assert wf.returncode != 0 and f"Config error: {sentence}" in wf.stdout + wf.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_numbers_written_with_an_exponent_are_numbers(tmp_path):
+    cfg = tiny_config(tmp_path / "results")
+    path = write_config(tmp_path / "config.yaml", cfg)
+    text = path.read_text().replace("lr: 0.003", "lr: 3e-3", 1)
+    assert "lr: 3e-3" in text
+    path.write_text(text)
+    loaded = ec_config.load(path)
+    assert loaded["pretrain"]["lr"] == 0.003
+    assert _validate_cli(path).returncode == 0
+    assert snakemake("-n", "--configfile", str(path), cwd=tmp_path).returncode == 0
+
+
+def test_a_yaml_syntax_error_is_one_sentence_with_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("results: results\ngrid:\n  seeds: [0, 1\n  scales: [s]\n")
+    out = _validate_cli(bad)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert f"{bad}: YAML syntax error at line " in out.stderr and ", column " in out.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import jsonschema
@@ -25,9 +26,27 @@ def load(path: str | Path) -> dict:
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
     validate(config, origin=str(path))
     return config
+
+
+# YAML 1.1 (PyYAML, Snakemake) reads 1e-4 as a string: it wants a dot in the mantissa (1.0e-4).
+_EXPONENT_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _numbers_from_strings(node):
+    """Turn strings such as ``1e-4`` into the numbers the user meant, in place; return the node."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in list(items):
+        if isinstance(value, str) and _EXPONENT_NUMBER.match(value.strip()):
+            node[key] = float(value)
+        else:
+            _numbers_from_strings(value)
+    return node
 
 
 def _field(path) -> str:
@@ -68,14 +87,34 @@ def _deepest(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
 
 
 def validate(config: object, origin: str = "config") -> None:
-    """Raise ConfigError with one clear sentence for the first problem found."""
+    """Raise ConfigError with one clear sentence for the first problem found.
+
+    The one validation path of both ``echochamber validate`` and the workflow: the schema, the names the
+    config refers to, the grid, and every stage's cross-field checks. Numbers written ``1e-4`` (strings
+    to YAML 1.1) become numbers first, in place.
+    """
     if not isinstance(config, dict):
         raise ConfigError(f"{origin}: the config must be a mapping of keys to settings")
+    _numbers_from_strings(config)
     validator = jsonschema.Draft202012Validator(load_schema())
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         raise ConfigError(f"{origin}: {_explain(_deepest(error))}")
     _check_references(config, origin)
+    _check_stages(config, origin)
+
+
+def _check_stages(config: dict, origin: str) -> None:
+    """Each stage's cross-field checks (batch divisibility, k <= n, ...), as the workflow runs them."""
+    from echochamber import evaluate, pretrain
+    from echochamber.rl import settings as rl_settings
+
+    pretrain.check_config(config, origin)
+    rl_settings.check(config, origin)
+    try:
+        evaluate.check_config(config)
+    except evaluate.EvalError as e:
+        raise ConfigError(f"{origin}: {e}") from None
 
 
 def _check_references(config: dict, origin: str) -> None:
