@@ -16,6 +16,7 @@ rule base_model:
     input:
         SRC / "base_models.py",
         SRC / "models.py",
+        SCRIPTS / "base_model.py",
     params:
         source=lambda w: BASE_MODEL_CELLS[w.cell],
     wildcard_constraints:

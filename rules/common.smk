@@ -24,6 +24,8 @@ except ec_config.ConfigError as e:
 R = config["results"]
 # Library sources a rule's results depend on: editing them reruns that stage (see rules' inputs).
 SRC = Path(workflow.basedir) / "src" / "echochamber"
+# Each rule lists its workflow script as an input too: editing a script reruns that rule's jobs.
+SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
 # Jobs may run in the conda env of envs/ (--sdm conda), which holds the dependencies, not the package.
 # (found beside the package, so a Snakefile symlinked elsewhere still finds it)
 CONDA_ENV = str(Path(ec_config.__file__).resolve().parents[2] / "envs" / "echochamber.yaml")
@@ -96,7 +98,6 @@ RL_CELL = "mixture={mixture}/scale={scale}/algo={algo}/kl={kl}/seed={seed}"
 RL_SRC = [SRC / "rl" / f for f in ("__init__.py", "settings.py", "core.py", "train.py")] \
     + [SRC / f for f in ("reward.py", "rollout.py", "sandbox.py", "formats.py", "models.py")] \
     + [SRC / "data" / "tokenizer.py"]
-SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
 RL_SCRIPT = SCRIPTS / "rl.py"
 
 

@@ -11,6 +11,7 @@ rule source:
     input:
         lambda w: [SRC / "data" / f for f in ("synthetic.py", "sources.py")]
         + ([SRC / "data" / "hub.py"] if source_spec(config, w.source)["kind"] == "hub" else []),
+        SCRIPTS / "make_source.py",
     params:
         spec=lambda w: source_spec(config, w.source),
     log:
@@ -28,6 +29,7 @@ rule tokenizer:
         f"{R}/tokenizer/tokenizer_config.json",
     input:
         SRC / "data" / "tokenizer.py",
+        SCRIPTS / "make_tokenizer.py",
         # a BPE is trained on the mixtures' text; a pretrained tokenizer needs no data
         train=expand(f"{R}/data/source={{source}}/train.parquet", source=ec_grid.mixture_sources(config))
         if config["tokenizer"]["kind"] == "bpe" else [],

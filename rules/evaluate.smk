@@ -10,6 +10,7 @@ rule eval_rl:
         generations=f"{R}/eval/{RL_CELL}/benchmark={{benchmark}}/generations.parquet",
     input:
         EVAL_SRC,
+        SCRIPTS / "evaluate_cell.py",
         steps=f"{R}/rl/{RL_CELL}/steps.parquet",
         checkpoints=f"{R}/rl/{RL_CELL}/checkpoints",
         benchmark=eval_benchmark_file,
@@ -34,6 +35,7 @@ rule eval_base:
         generations=f"{R}/eval/{EVAL_BASE_CELL}/benchmark={{benchmark}}/generations.parquet",
     input:
         EVAL_SRC,
+        SCRIPTS / "evaluate_cell.py",
         model=f"{R}/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}/model",
         benchmark=eval_benchmark_file,
     params:

@@ -12,6 +12,7 @@ rule tokens:
     input:
         SRC / "data" / "mixture.py",
         SRC / "formats.py",
+        SCRIPTS / "tokenize_source.py",
         tokenizer=f"{R}/tokenizer/tokenizer_config.json",
         train=f"{R}/data/source={{source}}/train.parquet",
     log:
@@ -29,6 +30,7 @@ rule mixture:
         f"{R}/mixtures/mixture={{mixture}}/manifest.json",
     input:
         SRC / "data" / "mixture.py",
+        SCRIPTS / "make_mixture.py",
         tokens=lambda w: [f"{R}/tokens/source={s}/manifest.json" for s in config["mixtures"][w.mixture]],
     params:
         weights=lambda w: config["mixtures"][w.mixture],
@@ -52,6 +54,7 @@ rule pretrain:
         SRC / "pretrain.py",
         SRC / "models.py",
         SRC / "data" / "mixture.py",
+        script=SCRIPTS / "pretrain.py",
         mixture=f"{R}/mixtures/mixture={{mixture}}/manifest.json",
         tokenizer=f"{R}/tokenizer/tokenizer_config.json",
     params:
@@ -63,12 +66,14 @@ rule pretrain:
     resources:
         processes=lambda w: ec_pretrain.processes(config, w.scale),
         gpu=lambda w: ec_pretrain.gpus(config, w.scale),
+        # runtime settings travel as resources, which never trigger a rerun (params do)
+        save_every=lambda w: ec_pretrain.save_every(config, w.scale),
     log:
         f"{R}/logs/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}.log",
     benchmark:
         f"{R}/benchmarks/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}.tsv"
     shell:
         # (--lint: the script's path comes from workflow.basedir; it is the same file in every job)
-        "python -m accelerate.commands.launch {params.launch} {workflow.basedir}/workflow_scripts/pretrain.py"
-        " --settings {params.settings} --mixture $(dirname {input.mixture})"
+        "python -m accelerate.commands.launch {params.launch} {input.script}"
+        " --settings {params.settings} --save-every {resources.save_every} --mixture $(dirname {input.mixture})"
         " --tokenizer $(dirname {input.tokenizer}) --out {params.cell} --threads {threads} > {log} 2>&1"

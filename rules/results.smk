@@ -11,6 +11,7 @@ rule ingest:
         update(f"{R}/echo.duckdb"),
     input:
         SRC / "store.py",
+        SCRIPTS / "ingest.py",
         **store_inputs(),
     params:
         cells=store_cells(),
@@ -35,6 +36,7 @@ rule report:
     input:
         [SRC / f for f in ("plots.py", "report.py", "store.py", "findings.py")],
         sorted(Path(workflow.basedir, "queries").glob("*.sql")),
+        SCRIPTS / "make_report.py",
         db=f"{R}/echo.duckdb",
     params:
         mixtures={m: config["mixtures"][m] for m in config["grid"]["mixtures"]},

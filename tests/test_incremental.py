@@ -186,3 +186,50 @@ def test_rl_code_edit_reruns_its_rl_cells_not_pretraining(ws):
     with edited(ws["repo"] / "src" / "echochamber" / "rl" / "core.py", "\n# a comment\n"):
         jobs = dry_run(ws)
     assert counts(jobs) == {"rl": 2, "eval_rl": 4, "ingest": 1, "report": 1, "all": 1}
+
+
+@contextlib.contextmanager
+def replaced(path: Path, old: str, new: str):
+    """Replace ``old`` by ``new`` in a file for the duration; then restore its content and mtime."""
+    before, stat = path.read_bytes(), path.stat()
+    text = before.decode()
+    assert text.count(old) == 1, f"{old!r} is not in {path} exactly once"
+    try:
+        path.write_text(text.replace(old, new))
+        yield path
+    finally:
+        path.write_bytes(before)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+DOWNSTREAM_OF_PRETRAIN = {"pretrain": 1, "eval_base": 2, "rl": 2, "eval_rl": 4, "ingest": 1, "report": 1, "all": 1}
+
+
+@pytest.mark.parametrize("script, expected", [
+    ("make_report.py", {"report": 1, "all": 1}),
+    ("ingest.py", {"ingest": 1, "report": 1, "all": 1}),
+    ("evaluate_cell.py", {"eval_base": 2, "eval_rl": 4, "ingest": 1, "report": 1, "all": 1}),
+    ("pretrain.py", DOWNSTREAM_OF_PRETRAIN),
+    ("make_mixture.py", {"mixture": 1, **DOWNSTREAM_OF_PRETRAIN}),
+])
+def test_a_workflow_script_edit_reruns_its_rule(ws, script, expected):
+    with edited(ws["repo"] / "workflow_scripts" / script, "\n# a comment\n"):
+        jobs = dry_run(ws)
+    assert counts(jobs) == expected
+
+
+def test_a_shell_command_edit_reruns_its_rule(ws):
+    """The code trigger of the profiles: the pretrain rule's command changed, so its cell reruns."""
+    with replaced(ws["repo"] / "rules" / "pretrain.smk", '--out {params.cell}', '--out  {params.cell}'):
+        jobs = dry_run(ws)
+    assert counts(jobs) == DOWNSTREAM_OF_PRETRAIN
+
+
+def test_runtime_settings_rerun_nothing(ws):
+    """How a job runs (threads, save cadence) is not what it computes: editing them reruns no job."""
+    def runtime(cfg):
+        cfg["pretrain"].update(save_every=7, threads=2)
+        cfg["rl"].update(threads=2)
+
+    out = run(ws, "-n", config=variant(ws, "runtime", runtime))
+    assert "Nothing to be done" in out, out[-3000:]

@@ -39,12 +39,11 @@ from echochamber.io import atomic_path
 DEFAULTS = {
     "seq_len": 256, "batch_size": 32, "micro_batch_size": 32, "epochs": 1.0, "max_steps": None,
     "lr": 3.0e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1.0e-8, "warmup_steps": 30,
-    "min_lr_ratio": 0.1, "grad_clip": 1.0, "save_every": 200, "precision": "fp32", "compile": False,
+    "min_lr_ratio": 0.1, "grad_clip": 1.0, "precision": "fp32", "compile": False,
 }
-# How a job runs, not what it computes: rule resources, not training settings.
-JOB_KEYS = ("processes", "gpus", "threads", "per_scale")
-# Settings that cannot change the numbers, left out of the resume fingerprint.
-RUNTIME_ONLY = ("save_every",)
+SAVE_EVERY = 200
+# How a job runs, not what it computes: rule resources (which never rerun a job), not training settings.
+JOB_KEYS = ("processes", "gpus", "threads", "per_scale", "save_every")
 CURVE_COLUMNS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s")
 RESUME, PROGRESS = "resume", "progress.json"
 
@@ -69,6 +68,11 @@ def settings(config: dict, scale: str, seed: int) -> dict:
     global batch is computed, so editing them reruns nothing."""
     p = {**DEFAULTS, **{k: v for k, v in section(config, scale).items() if k not in JOB_KEYS}}
     return {**p, "scale": dict(config["scales"][scale]), "scale_name": scale, "seed": int(seed)}
+
+
+def save_every(config: dict, scale: str) -> int:
+    """Steps between resume states (a runtime setting: how much a killed job loses, not what it computes)."""
+    return int(section(config, scale).get("save_every", SAVE_EVERY))
 
 
 def gpus(config: dict, scale: str) -> int:
@@ -236,7 +240,7 @@ class Trainer:
 
 def fingerprint(s: dict, manifest: dict) -> str:
     """What a resume state must match: the settings that change numbers and the mixture's identity."""
-    key = {k: v for k, v in s.items() if k not in RUNTIME_ONLY}
+    key = {k: v for k, v in s.items() if k not in JOB_KEYS}
     key["mixture"] = {k: manifest[k] for k in ("tokens", "tokenizer", "segments", "weights", "seed")}
     key["mixture"]["tokenizer"] = {k: v for k, v in manifest["tokenizer"].items() if k not in ("path", "name")}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -292,7 +296,7 @@ def _read_curve(path: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- one cell
 
 def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, cell_dir: str | os.PathLike,
-        *, device: str = "auto", threads: int | None = None) -> dict:
+        *, device: str = "auto", threads: int | None = None, save_every: int | None = None) -> dict:
     """Train one cell from scratch (or from its resume state); write ``model/`` and ``curve.parquet``.
 
     Returns a summary (steps, tokens, final loss, parameters, seconds) on every process.
@@ -365,6 +369,7 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
                      len(slices), world, stream.n_tokens, manifest.get("unigram_entropy", float("nan")))
 
         order = Order(n_seq, s["seed"])
+        every = int(save_every or s.get("save_every") or SAVE_EVERY)
         bar = tqdm(total=steps, initial=step, disable=not main, file=sys.stderr, ascii=True,
                    mininterval=10, desc="pretrain", dynamic_ncols=False)
         t_start = time.perf_counter()
@@ -383,7 +388,7 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
                                     f"lower pretrain.lr or use precision fp32")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            if step % s["save_every"] == 0 and step < steps:
+            if step % every == 0 and step < steps:
                 _save_resume(accelerator, cell, step, fp, rows, position=step * B)
                 if main:
                     log.info("saved the resume state at step %d", step)
@@ -423,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="the cell folder: model/, curve.parquet, resume/")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for all processes together")
+    ap.add_argument("--save-every", type=int, default=None, help=f"steps between resume states ({SAVE_EVERY})")
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr, force=True,
@@ -430,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
         s = json.loads(args.settings)
-        run(s, args.mixture, args.tokenizer, args.out, device=args.device, threads=args.threads)
+        run(s, args.mixture, args.tokenizer, args.out, device=args.device, threads=args.threads,
+            save_every=args.save_every)
     except PretrainError as e:
         log.error("%s", e)
         print(f"pretrain error: {e}", file=sys.stderr)
