@@ -3,13 +3,13 @@ import json
 import os
 import shlex
 import sys
-import zlib
 from pathlib import Path
 
 from echochamber import base_models as ec_base
 from echochamber import config as ec_config
 from echochamber import evaluate as ec_eval
 from echochamber import grid as ec_grid
+from echochamber import launch as ec_launch
 from echochamber import pretrain as ec_pretrain
 from echochamber import timing as ec_timing
 from echochamber.data.sources import source_spec

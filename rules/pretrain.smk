@@ -60,7 +60,7 @@ rule pretrain:
     params:
         settings=lambda w: shlex.quote(json.dumps(ec_pretrain.settings(config, w.scale, int(w.seed)),
                                                   sort_keys=True)),
-        launch=lambda w, resources: ec_pretrain.launch_args(ec_pretrain.job_processes(resources)),
+        launch=lambda w, resources: ec_launch.launch_args(ec_launch.job_processes(resources)),
         cell=lambda w, output: str(Path(output.curve).parent),
     threads: ec_pretrain.threads(config)
     resources:

@@ -18,8 +18,8 @@ rule rl:
     params:
         spec=lambda w: json.dumps(rl_spec(w), sort_keys=True),
         processes=lambda w: rl_spec(w)["processes"],
-        mixed_precision=lambda w: "bf16" if rl_spec(w)["precision"] == "bf16" else "no",
-        port=lambda w: 29500 + zlib.crc32(RL_CELL.format(**w).encode()) % 2000,
+        precision=lambda w: rl_spec(w)["precision"],
+        port=lambda w: ec_launch.port_for(RL_CELL.format(**w)),
         out=lambda w, output: Path(output.steps).parent,
     threads: rl_settings.merged(config)["threads"]
     resources:
@@ -29,11 +29,7 @@ rule rl:
     benchmark:
         f"{R}/benchmarks/rl/{RL_CELL}.tsv"
     shell:
-        # --cpu where the job's node has no GPU; rank 0 writes the outputs, all ranks log here.
-        """
-        if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then DEVICE=""; else DEVICE="--cpu"; fi
-        python -m accelerate.commands.launch $DEVICE --num_machines 1 --num_processes {params.processes} \
-            --main_process_port {params.port} --mixed_precision {params.mixed_precision} --dynamo_backend no \
-            {input.script} --spec {params.spec:q} --base {input.base} --prompts {input.prompts} \
-            --out {params.out} --threads {threads} > {log} 2>&1
-        """
+        # echochamber.launch picks the GPUs of the job's node, else --cpu; rank 0 writes, all ranks log here.
+        "python -m echochamber.launch --processes {params.processes} --port {params.port} --precision {params.precision}"
+        " {input.script} --spec {params.spec:q} --base {input.base} --prompts {input.prompts}"
+        " --out {params.out} --threads {threads} > {log} 2>&1"

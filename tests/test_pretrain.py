@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from echochamber import models
+from echochamber import launch, models
 from echochamber import pretrain as P
 from echochamber.config import ConfigError
 from echochamber.data import mixture as M
@@ -114,7 +114,7 @@ def test_settings_carry_what_training_uses_and_check_config_catches_bad_batches(
     cfg["pretrain"]["seq_len"] = 256
     with pytest.raises(ConfigError, match="scales.s.context 128"):
         P.check_config(cfg)
-    assert "--multi_gpu" not in P.launch_args(1) and "--num_processes 2 " in P.launch_args(2) + " "
+    assert "--multi_gpu" not in launch.launch_args(1) and "--num_processes 2 " in launch.launch_args(2) + " "
 
 
 def test_per_scale_settings_change_only_their_scale():
@@ -139,9 +139,9 @@ def test_per_scale_settings_change_only_their_scale():
 def test_a_job_launches_one_process_per_allocated_gpu_else_the_configured_count():
     from types import SimpleNamespace as NS
 
-    assert P.job_processes(NS(processes=2)) == 2
-    assert P.job_processes(NS(processes=4, gpu=0)) == 4
-    assert P.job_processes(NS(processes=4, gpu=8)) == 8
+    assert launch.job_processes(NS(processes=2)) == 2
+    assert launch.job_processes(NS(processes=4, gpu=0)) == 4
+    assert launch.job_processes(NS(processes=4, gpu=8)) == 8
 
 
 def test_the_resume_fingerprint_ignores_save_every_only(world):
@@ -229,8 +229,8 @@ def test_two_processes_give_the_curve_of_one_with_accumulation(world, tmp_path):
     _, mix, tok, _ = world
     s = settings(max_steps=8, batch_size=8, micro_batch_size=4, warmup_steps=2)
     one = P.run(s, mix, tok, tmp_path / "one", device="cpu", threads=1)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", *shlex.split(P.launch_args(2))]
-    proc = _launch([*launch, *_script_args(s, mix, tok, tmp_path / "two", threads=2)], tmp_path / "two.log")
+    command = [sys.executable, "-m", "accelerate.commands.launch", *shlex.split(launch.launch_args(2))]
+    proc = _launch([*command, *_script_args(s, mix, tok, tmp_path / "two", threads=2)], tmp_path / "two.log")
     assert proc.wait(300) == 0, (tmp_path / "two.log").read_text()[-3000:]
     assert "(1 micro-steps x 2 processes)" in (tmp_path / "two.log").read_text()
     a = pd.read_parquet(tmp_path / "one" / "curve.parquet")
@@ -300,3 +300,15 @@ def test_a_damaged_resume_state_stops_with_one_sentence_naming_it(world, tmp_pat
     with pytest.raises(P.PretrainError) as err:
         P.run(s, mix, tok, cell, device="cpu", threads=1)
     assert str(cell / "resume") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_rl_jobs_launch_on_the_gpus_of_their_node_else_on_cpus():
+    gpu = launch.rl_command("rl.py", ["--spec", "{}"], processes=4, port=29612, precision="bf16", cuda=True)
+    cpu = launch.rl_command("rl.py", ["--spec", "{}"], processes=1, port=29612, precision="fp32", cuda=False)
+    assert "--cpu" not in gpu and gpu[gpu.index("--num_processes") + 1] == "4"
+    assert gpu[gpu.index("--mixed_precision") + 1] == "bf16" and gpu[-3:] == ["rl.py", "--spec", "{}"]
+    assert "--cpu" in cpu and cpu[cpu.index("--mixed_precision") + 1] == "no"
+    # each cell its own rendezvous port, the same on every run
+    ports = {launch.port_for(f"mixture=m/scale=s/algo=ppo/kl={kl}/seed=0") for kl in ("0", "0.001", "0.01")}
+    assert len(ports) == 3 and all(29500 <= p < 31500 for p in ports)
+    assert launch.port_for("a") == launch.port_for("a")

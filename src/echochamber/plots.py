@@ -34,7 +34,7 @@ METRIC_STYLES = {
     "maj_k": {"color": "#9467bd", "linestyle": ":", "marker": "^"},
 }
 ALGO_ORDER = ("ppo", "grpo", "ei")
-CURVE_COLUMNS = ("share_tinygsm", "share_omi1", "share_text", "pass1", "pass_k", "maj_k")
+CURVE_COLUMNS = (*(f"share_{f}" for f in FORMATS), "pass1", "pass_k", "maj_k")
 
 
 @dataclass

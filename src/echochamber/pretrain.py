@@ -14,7 +14,8 @@ One cell (mixture x scale x seed) is one call of :func:`run`, launched by ``acce
   interval; outputs are ``<cell>/model/`` (HF checkpoint + tokenizer) and ``<cell>/curve.parquet``.
 
 torch, transformers and accelerate are imported inside functions, so the workflow can import the
-config helpers here (:func:`settings`, :func:`check_config`, :func:`launch_args`) cheaply.
+config helpers here (:func:`settings`, :func:`check_config`) cheaply; launch arguments are in
+``echochamber.launch``.
 """
 
 from __future__ import annotations
@@ -85,13 +86,6 @@ def processes(config: dict, scale: str) -> int:
     return gpus(config, scale) or int(section(config, scale).get("processes", 1))
 
 
-def job_processes(resources) -> int:
-    """Processes to launch for a job: one per GPU when the job holds GPUs (resource ``gpu``: pretrain.gpus,
-    or a ``--set-resources pretrain:gpu=N`` override), else the ``processes`` resource."""
-    gpu = int(getattr(resources, "gpu", 0) or 0)
-    return gpu if gpu > 0 else int(resources.processes)
-
-
 def threads(config: dict) -> int:
     return int(config.get("pretrain", {}).get("threads", 2))
 
@@ -110,19 +104,6 @@ def check_config(config: dict, origin: str = "config") -> None:
         if context and context < p["seq_len"]:
             raise ConfigError(f"{origin}: scales.{name}.context {context} is shorter than "
                               f"pretrain.seq_len {p['seq_len']}")
-
-
-def launch_args(n_processes: int) -> str:
-    """``accelerate launch`` flags for a process count.
-
-    Several processes go through torchrun (``--multi_gpu``, on a free port): on CPU, accelerate's
-    ``--cpu`` launcher starts a single process unless mpirun is installed, so the training script picks
-    the device itself (gloo on CPU, NCCL on GPUs).
-    """
-    args = f"--num_machines 1 --num_processes {int(n_processes)} --mixed_precision no --dynamo_backend no"
-    if n_processes > 1:
-        args += " --multi_gpu --main_process_port 0"
-    return args
 
 
 # ----------------------------------------------------------------------------- schedule and data order

@@ -32,7 +32,7 @@ QUERIES_DIR = Path(__file__).resolve().parents[2] / "queries"
 
 COORDS = {"mixture": "VARCHAR", "scale": "VARCHAR", "algo": "VARCHAR", "kl": "DOUBLE", "seed": "INTEGER"}
 BASE_ALGO = "base"
-FORMATS = ("table", "csv", "json")
+OUTPUT_FORMATS = ("table", "csv", "json")   # how `echochamber sql` prints (not answer formats)
 
 
 class StoreError(ValueError):
@@ -469,8 +469,8 @@ def query(db_path: str | os.PathLike, sql: str, fmt: str = "table") -> str:
     Returns an aligned text table, CSV or JSON (a list of row objects). Raises StoreError with one
     sentence when the store is missing or the query fails.
     """
-    if fmt not in FORMATS:
-        raise StoreError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt not in OUTPUT_FORMATS:
+        raise StoreError(f"unknown output format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
     return format_frame(fetch(db_path, sql), fmt)
 
 

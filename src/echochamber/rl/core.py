@@ -393,7 +393,7 @@ def format_stats(formats: list[str], correct: list[bool]) -> dict:
 
 STEP_COLUMNS = [
     "step", "episode", "reward", "accuracy",
-    "share_tinygsm", "share_omi1", "share_text", "acc_tinygsm", "acc_omi1", "acc_text",
+    *(f"share_{f}" for f in ec_formats.FORMATS), *(f"acc_{f}" for f in ec_formats.FORMATS),
     "kl", "entropy", "clip_frac", "approx_kl", "ratio_dev", "policy_loss", "value_loss", "value_mean",
     "grad_norm", "critic_grad_norm", "lr", "critic_lr",
     "response_len", "trunc_rate", "tokens_per_s", "zero_std_groups", "score_errors", "logprob_gap",
@@ -487,7 +487,6 @@ class PolicyGradientTrainer:
     """Rollout -> score -> annotate -> advantages -> clipped minibatch updates; PPO and GRPO fill in the rest."""
 
     uses_critic = False
-    kl_estimator = "k1"
 
     def __init__(self, settings, policy, tokenizer, *, ref=None, critic=None, scorer=None, accel: Accel | None = None,
                  total_updates: int = 1, engine=None):
