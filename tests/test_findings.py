@@ -37,7 +37,7 @@ def write_cell(root, cell, *, winner="omi1", collapse_at=4, steps=10, checkpoint
     for step in range(1, steps + 1):
         t = 0.95 if collapse_at is not None and step >= collapse_at else 0.5 * step / steps
         rows.append({"step": step, "episode": 0, "reward": 0.5, **{f"share_{f}": v for f, v in shares(winner, t).items()},
-                     **{f"acc_{f}": 0.5 for f in FORMATS}, "kl": 0.0, "entropy": 1.0, "clip_frac": 0.0,
+                     **{f"acc_{f}": 0.5 for f in FORMATS}, "kl_div": 0.0, "entropy": 1.0, "clip_frac": 0.0,
                      "approx_kl": 0.0, "value_loss": 0.1, "response_len": 80.0, "trunc_rate": 0.0,
                      "tokens_per_s": 1e4})
     files.append(_write(rows, root / f"rl/{cid}/steps.parquet"))

@@ -72,7 +72,7 @@ def tiny_model(tok, seed=0):
 
 
 def spec(**kw):
-    s = dict(algo="ppo", kl=0.0, seed=0, rollout_batch_size=4, samples_per_prompt=4, train_batch_size=8,
+    s = dict(algo="ppo", kl_coef=0.0, seed=0, rollout_batch_size=4, samples_per_prompt=4, train_batch_size=8,
              micro_batch_size=4, max_new_tokens=12, temperature=1.0, episodes=1, max_steps=2, actor_lr=1e-3,
              critic_lr=1e-3, warmup_ratio=0.0, precision="fp32", n_checkpoints=2, samples_logged=3,
              ei=dict(rounds=2, samples_per_prompt=3, batch_size=8, epochs=1, lr=1e-3))
@@ -84,7 +84,7 @@ def make_trainer(world, **kw):
     s = settings.Settings.from_spec(spec(**kw))
     policy, tok = ec_models.load_checkpoint(world["base"])
     ref = None
-    if s.kl > 0:
+    if s.kl_coef > 0:
         ref, _ = ec_models.load_checkpoint(world["base"])
         ref.requires_grad_(False)
     torch.manual_seed(0)
@@ -287,7 +287,7 @@ def test_scorer_failures_give_reward_zero_and_an_error_instead_of_a_crash():
 
 
 def test_padding_tokens_do_not_change_log_probs_or_values(world):
-    tr = make_trainer(world, kl=0.01)
+    tr = make_trainer(world, kl_coef=0.01)
     tr.engine = ScriptedEngine(world["tok"], ["\\boxed{7}", "It is 12.", "def f():\n    return 3\n", "no"])
     prompts, golds = prompts_of(world)
     exp, _, _ = tr.rollout(prompts, golds)
@@ -310,7 +310,7 @@ def test_padding_tokens_do_not_change_log_probs_or_values(world):
 def test_first_minibatch_has_ratio_one_no_clipping_and_no_kl(world):
     # at the sampling temperature too: the update scores at the same temperature as the rollout's pass
     for algo, temperature in (("ppo", 1.0), ("grpo", 1.0), ("ppo", 0.7), ("grpo", 0.7)):
-        tr = make_trainer(world, algo=algo, kl=0.01, temperature=temperature)
+        tr = make_trainer(world, algo=algo, kl_coef=0.01, temperature=temperature)
         prompts, golds = prompts_of(world)
         exp, _, _ = tr.rollout(prompts, golds)
         exp, _ = tr.advantages(exp)
@@ -325,7 +325,7 @@ def test_first_minibatch_has_ratio_one_no_clipping_and_no_kl(world):
 def test_learning_rate_zero_leaves_the_policy_unchanged(world):
     prompts, golds = prompts_of(world)
     for lr, changed in ((0.0, False), (1e-2, True)):
-        tr = make_trainer(world, actor_lr=lr, critic_lr=lr, kl=0.01)
+        tr = make_trainer(world, actor_lr=lr, critic_lr=lr, kl_coef=0.01)
         before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
         critic_before = {k: v.clone() for k, v in tr.critic.state_dict().items()}
         row, _ = tr.step(prompts, golds)
@@ -361,7 +361,7 @@ def read_run(out):
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "ei"])
 def test_a_run_writes_steps_samples_and_checkpoints(world, tmp_path, algo):
     out = tmp_path / algo
-    res = train.run(spec(algo=algo, kl=0.01 if algo != "ei" else 0.0), base=world["base"], prompts=world["prompts"],
+    res = train.run(spec(algo=algo, kl_coef=0.01 if algo != "ei" else 0.0), base=world["base"], prompts=world["prompts"],
                     out=out, scorer=gold_in_text)
     steps, samples = read_run(out)
     assert list(steps.columns) == core.STEP_COLUMNS and list(samples.columns) == core.SAMPLE_COLUMNS
@@ -379,7 +379,7 @@ def test_a_run_writes_steps_samples_and_checkpoints(world, tmp_path, algo):
     if algo == "ei":
         assert not math.isnan(row["kept"]) and row["unique"] <= 24 * 3 and row["kept"] <= row["unique"]
     else:
-        assert row.kl == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference itself
+        assert row.kl_div == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference itself
         assert row.clip_frac >= 0 and row.entropy > 0
     assert len(samples) == 6 and set(samples.step) == {1, 2}
     assert samples.completion.map(type).eq(str).all()
@@ -388,10 +388,10 @@ def test_a_run_writes_steps_samples_and_checkpoints(world, tmp_path, algo):
 def test_same_seed_same_numbers(world, tmp_path):
     rows = []
     for name in ("a", "b"):
-        train.run(spec(algo="grpo", kl=0.01), base=world["base"], prompts=world["prompts"], out=tmp_path / name,
+        train.run(spec(algo="grpo", kl_coef=0.01), base=world["base"], prompts=world["prompts"], out=tmp_path / name,
                   scorer=gold_in_text)
         rows.append(read_run(tmp_path / name)[0])
-    cols = ["reward", "response_len", "entropy", "kl", "policy_loss", "grad_norm"]
+    cols = ["reward", "response_len", "entropy", "kl_div", "policy_loss", "grad_norm"]
     pd.testing.assert_frame_equal(rows[0][cols], rows[1][cols])
     w = [ec_models.load_checkpoint(tmp_path / n / "checkpoints" / "step=2")[0].state_dict() for n in ("a", "b")]
     assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
@@ -408,11 +408,11 @@ def test_kl_zero_loads_no_reference_model(world, tmp_path, monkeypatch):
     monkeypatch.setattr(train.ec_models, "load_checkpoint", counting)
     for kl, loads in ((0.0, 1), (0.01, 2)):
         calls.clear()
-        res = train.run(spec(algo="grpo", kl=kl, max_steps=1), base=world["base"], prompts=world["prompts"],
+        res = train.run(spec(algo="grpo", kl_coef=kl, max_steps=1), base=world["base"], prompts=world["prompts"],
                         out=tmp_path / f"kl{kl}", scorer=gold_in_text)
         assert len(calls) == loads
         assert (res["trainer"].ref is None) == (kl == 0)
-        kl_logged = read_run(tmp_path / f"kl{kl}")[0].kl.iloc[0]
+        kl_logged = read_run(tmp_path / f"kl{kl}")[0].kl_div.iloc[0]
         assert math.isnan(kl_logged) == (kl == 0)
 
 
@@ -495,7 +495,7 @@ def test_cell_spec_holds_only_what_the_cell_uses():
     cells = ec_grid.rl_cells(cfg)
     by = {(c.algo, c.kl): settings.cell_spec(cfg, c) for c in cells}
     ppo0 = by[("ppo", 0.0)]
-    assert ppo0["kl"] == 0.0 and ppo0["actor_lr"] == 1e-4 and "grpo" not in ppo0 and "critic_lr" in ppo0
+    assert ppo0["kl_coef"] == 0.0 and ppo0["actor_lr"] == 1e-4 and "grpo" not in ppo0 and "critic_lr" in ppo0
     assert by[("grpo", 0.01)]["grpo"]["epochs"] == 2 and "critic_lr" not in by[("grpo", 0.01)]
     assert "actor_lr" not in by[("ei", 0.0)] and by[("ei", 0.0)]["ei"]["rounds"] == 3
     edited = copy.deepcopy(cfg)

@@ -125,7 +125,7 @@ def test_log_probs_and_entropy_are_taken_at_the_sampling_temperature():
 
 
 def test_the_trainer_scores_policy_and_reference_at_the_sampling_temperature(world):  # noqa: F811
-    tr = make_trainer(world, algo="ppo", kl=0.01, temperature=0.7)
+    tr = make_trainer(world, algo="ppo", kl_coef=0.01, temperature=0.7)
     prompts, golds = prompts_of(world)
     exp, _, info = tr.rollout(prompts, golds)
     with torch.no_grad():

@@ -62,7 +62,7 @@ def write_fake_results(root: Path, cells: list[dict], benchmarks=("test", "hard"
         for step in range(1, 11):
             t = min(1.0, speed * step / 10)
             sh = _shares(start, winner, t)
-            rows.append({"step": step, "episode": step / 10, "reward": 0.2 + 0.4 * t, "kl": 0.01 * step,
+            rows.append({"step": step, "episode": step / 10, "reward": 0.2 + 0.4 * t, "kl_div": 0.01 * step,
                          **{f"share_{f}": sh[f] for f in FORMATS}, **{f"acc_{f}": 0.5 for f in FORMATS},
                          "entropy": 1.0, "clip_frac": 0.1, "approx_kl": 0.001, "value_loss": 0.5,
                          "response_len": 80.0, "trunc_rate": 0.0, "tokens_per_s": 1e4})

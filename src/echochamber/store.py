@@ -45,7 +45,6 @@ class TableSpec:
     file: str                      # the per-cell file name that feeds this table
     path_keys: tuple[str, ...]     # coordinates read from the path (beyond COORDS)
     columns: dict[str, str]        # documented value columns: every file must hold them
-    renames: dict[str, str] = field(default_factory=dict)  # file columns that collide with coordinates
 
 
 _SHARES = {f"share_{f}": "DOUBLE" for f in ANSWER_FORMATS}
@@ -58,8 +57,7 @@ TABLES = (
     TableSpec("rl_steps", "steps.parquet", (), {
         "step": "INTEGER", "episode": "DOUBLE", "reward": "DOUBLE", **_SHARES, **_ACCS, "kl_div": "DOUBLE",
         "entropy": "DOUBLE", "clip_frac": "DOUBLE", "approx_kl": "DOUBLE", "value_loss": "DOUBLE",
-        "response_len": "DOUBLE", "trunc_rate": "DOUBLE", "tokens_per_s": "DOUBLE"},
-        renames={"kl": "kl_div"}),   # the measured KL, not the coefficient of the cell
+        "response_len": "DOUBLE", "trunc_rate": "DOUBLE", "tokens_per_s": "DOUBLE"}),
     TableSpec("samples", "samples.parquet", (), {
         "step": "INTEGER", "prompt": "VARCHAR", "completion": "VARCHAR", "format": "VARCHAR",
         "correct": "BOOLEAN", "answer": "VARCHAR", "error": "VARCHAR"}),
@@ -224,7 +222,7 @@ def _check_files(spec: TableSpec, files: list[str]) -> None:
         except Exception as e:  # noqa: BLE001 - any reader error means the file is unusable
             raise StoreError(f"{f} is not a readable parquet file ({type(e).__name__}); delete it and rerun "
                              f"rule {rule}, which writes it") from None
-        have = {spec.renames.get(n, n): t for n, t in zip(schema.names, schema.types)}
+        have = dict(zip(schema.names, schema.types))
         missing = [c for c in spec.columns if c not in have]
         if missing:
             raise StoreError(f"{f} lacks the column(s) {', '.join(missing)} of table {spec.name}; delete it and "
@@ -260,12 +258,11 @@ def _create_table(con, spec: TableSpec, files: list[str]) -> int:
     for c in file_cols:
         if c == "filename":
             continue
-        new = spec.renames.get(c, c)
-        if new in names:        # the path is authoritative for a cell's coordinates
+        if c in names:          # the path is authoritative for a cell's coordinates
             continue
-        expr = f"CAST(f.{_ident(c)} AS {spec.columns[new]})" if new in ("step", "sample") else f"f.{_ident(c)}"
-        select.append(f"{expr} AS {_ident(new)}")
-        names.add(new)
+        expr = f"CAST(f.{_ident(c)} AS {spec.columns[c]})" if c in ("step", "sample") else f"f.{_ident(c)}"
+        select.append(f"{expr} AS {_ident(c)}")
+        names.add(c)
     order = ", ".join(["p.mixture", "p.scale", "p.algo", "p.kl", "p.seed", *[f"p.{k}" for k in spec.path_keys]]
                       + (["step"] if "step" in names else []))
     con.execute(f"CREATE TABLE {spec.name} AS SELECT {', '.join(select)} FROM {source} f "

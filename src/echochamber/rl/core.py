@@ -394,7 +394,7 @@ def format_stats(formats: list[str], correct: list[bool]) -> dict:
 STEP_COLUMNS = [
     "step", "episode", "reward", "accuracy",
     *(f"share_{f}" for f in ec_formats.FORMATS), *(f"acc_{f}" for f in ec_formats.FORMATS),
-    "kl", "entropy", "clip_frac", "approx_kl", "ratio_dev", "policy_loss", "value_loss", "value_mean",
+    "kl_div", "entropy", "clip_frac", "approx_kl", "ratio_dev", "policy_loss", "value_loss", "value_mean",
     "grad_norm", "critic_grad_norm", "lr", "critic_lr",
     "response_len", "trunc_rate", "tokens_per_s", "zero_std_groups", "score_errors", "logprob_gap",
     "kept", "unique", "sft_loss", "rollout_s", "score_s", "train_s", "step_s",
@@ -646,7 +646,7 @@ class PolicyGradientTrainer:
             **rollout_row(recs, infos, train_s),
             "entropy": sum(i["entropy_sum"] for i in infos) / max(1, tokens),
             "logprob_gap": sum(i["logprob_gap_sum"] for i in infos) / max(1, tokens),
-            "kl": (sum(i["kl_sum"] for i in infos) / max(1, tokens)) if "kl_sum" in infos[0] else None,
+            "kl_div": (sum(i["kl_sum"] for i in infos) / max(1, tokens)) if "kl_sum" in infos[0] else None,
             "value_mean": (sum(i["value_sum"] for i in infos) / max(1, tokens)) if "value_sum" in infos[0] else None,
         }
         for key in ("clip_frac", "approx_kl", "policy_loss", "value_loss", "grad_norm", "critic_grad_norm"):

@@ -31,7 +31,7 @@ class GRPOTrainer(PolicyGradientTrainer):
         return exp, {"zero_std_groups": float(flat.float().mean())}
 
     def extra_loss(self, mb: Experience, logp, counts: dict):
-        if not self.s.kl or mb.ref_logprobs is None:
+        if not self.s.kl_coef or mb.ref_logprobs is None:
             return None
         kl = kl_estimate(logp, mb.ref_logprobs, self.s.grpo.kl_estimator, mb.response_mask)
-        return self.s.kl * aggregate(kl, mb.response_mask, self.s.loss_agg, **counts)
+        return self.s.kl_coef * aggregate(kl, mb.response_mask, self.s.loss_agg, **counts)

@@ -69,7 +69,7 @@ class PPOTrainer(PolicyGradientTrainer):
 
     def advantages(self, exp: Experience) -> tuple[Experience, dict]:
         s, mask = self.s, exp.response_mask
-        r = token_rewards(exp.rewards, mask, s.kl, exp.old_logprobs, exp.ref_logprobs, s.ppo.kl_estimator)
+        r = token_rewards(exp.rewards, mask, s.kl_coef, exp.old_logprobs, exp.ref_logprobs, s.ppo.kl_estimator)
         adv, ret = gae(r, exp.values, mask, s.gamma, s.lam)
         if s.ppo.whiten_advantages:
             adv = whiten(adv, mask, reduce=self.accel.sum)

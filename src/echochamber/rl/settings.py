@@ -83,7 +83,7 @@ def cell_spec(config: dict, cell) -> dict:
     spec = {key: rl[key] for key in USES[cell.algo]}
     spec["algo"] = cell.algo
     spec[cell.algo] = rl[cell.algo]
-    spec["kl"] = float(cell.kl)
+    spec["kl_coef"] = float(cell.kl)
     spec["seed"] = int(cell.seed)
     return spec
 
@@ -152,7 +152,7 @@ def _defaults(key):
 class Settings:
     """Typed settings of one RL job (missing keys take the paper's defaults)."""
     algo: str = "ppo"
-    kl: float = 0.0
+    kl_coef: float = 0.0               # the cell's KL coefficient (its grid coordinate `kl`)
     seed: int = 0
     prompts: dict = _defaults("prompts")
     episodes: float = DEFAULTS["episodes"]

@@ -112,14 +112,14 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
     prompt_ids = [encode_prompt(tok, q) for q in questions]  # as inside a pretraining document
     p = plan(s, len(questions))
     log.info("rl %s kl=%g seed=%d: %d prompts, %d steps (%d per episode), checkpoints at %s",
-             s.algo, s.kl, s.seed, len(questions), p["total"], p["per_episode"], p["checkpoints"])
+             s.algo, s.kl_coef, s.seed, len(questions), p["total"], p["per_episode"], p["checkpoints"])
 
     if s.algo == "ei":
         from echochamber.rl.ei import ExpertIteration
         trainer = ExpertIteration(s, policy, tok, scorer=scorer, accel=accel, engine=engine)
     else:
         ref = None
-        if s.kl > 0:
+        if s.kl_coef > 0:
             ref, _ = load_checkpoint(base)
             ref.to(accel.device).eval().requires_grad_(False)
         batches_per_step = s.rollout_batch_size * s.samples_per_prompt // s.train_batch_size
@@ -189,7 +189,7 @@ def _progress(row: dict, total: int) -> str:
     return (f"step {row['step']}/{total} ep {row['episode']} reward {f('reward')} "
             f"share tg/omi1/text {f('share_tinygsm', '{:.2f}')}/{f('share_omi1', '{:.2f}')}/{f('share_text', '{:.2f}')} "
             f"acc tg/omi1/text {f('acc_tinygsm', '{:.2f}')}/{f('acc_omi1', '{:.2f}')}/{f('acc_text', '{:.2f}')} "
-            f"kl {f('kl', '{:.4f}')} ent {f('entropy')} clip {f('clip_frac')} vloss {f('value_loss')} "
+            f"kl {f('kl_div', '{:.4f}')} ent {f('entropy')} clip {f('clip_frac')} vloss {f('value_loss')} "
             f"len {f('response_len', '{:.0f}')} trunc {f('trunc_rate', '{:.2f}')} "
             f"{f('tokens_per_s', '{:.0f}')} tok/s {f('step_s', '{:.1f}')}s")
 
