@@ -55,7 +55,10 @@ def test_paper_config_is_complete_and_replaces_the_embedded_default(tmp_path):
                       r'"micro_batch_size": (\d+)', out, flags=re.S)
     assert len(jobs) == 22
     assert set(jobs) == {("150M", "4", "4", "16"), ("1B", "8", "8", "8")}
-    rl = re.findall(r"rule rl:.*?gpu=(\d+).*?--num_processes (\d+)", out, flags=re.S)
+    # (each job's block on its own: a pattern over the whole plan would backtrack through every job)
+    blocks = [b for b in re.split(r"\n(?=(?:local)?rule \w+:)", out) if b.startswith("rule rl:")]
+    rl = [(re.search(r"gpu=(\d+)", b).group(1), re.search(r"echochamber\.launch --processes (\d+)", b).group(1))
+          for b in blocks]
     assert len(rl) == 154 and set(rl) == {("4", "4")}
 
 
