@@ -3,8 +3,6 @@
 import subprocess
 import sys
 
-import pytest
-
 from echochamber import findings, store
 from echochamber.formats import FORMATS
 from test_store import _write
