@@ -30,7 +30,7 @@ TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "mlp_hidden": 64}
 
 def settings(**kw) -> dict:
     return {**P.DEFAULTS, "seq_len": 64, "batch_size": 16, "micro_batch_size": 8, "max_steps": 120,
-            "warmup_steps": 10, "lr": 1e-2, "save_every": 1000, "scale": TINY, "scale_name": "tiny", "seed": 0,
+            "warmup_steps": 10, "lr": 1e-2, "scale": TINY, "scale_name": "tiny", "seed": 0,
             **kw}
 
 
@@ -65,9 +65,9 @@ def _launch(args: list[str], log: Path, **popen) -> subprocess.Popen:
     return subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, **popen)
 
 
-def _script_args(s: dict, mix, tok, out, threads=1) -> list[str]:
+def _script_args(s: dict, mix, tok, out, threads=1, save_every=1000) -> list[str]:
     return [str(SCRIPT), "--settings", json.dumps(s), "--mixture", str(mix), "--tokenizer", str(tok),
-            "--out", str(out), "--device", "cpu", "--threads", str(threads)]
+            "--out", str(out), "--device", "cpu", "--threads", str(threads), "--save-every", str(save_every)]
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -197,7 +197,7 @@ def test_a_killed_run_resumes_and_ends_with_the_same_loss(world, reference, tmp_
     """SIGKILL the real process after its first save; the restart must resume and match exactly."""
     _, mix, tok, _ = world
     cell = tmp_path / "cell"
-    args = [sys.executable, *_script_args(settings(save_every=10), mix, tok, cell)]
+    args = [sys.executable, *_script_args(settings(), mix, tok, cell, save_every=10)]
     first = _launch(args, tmp_path / "first.log")
     deadline = time.monotonic() + 240
     while not (cell / "resume" / "progress.json").exists():
@@ -212,7 +212,7 @@ def test_a_killed_run_resumes_and_ends_with_the_same_loss(world, reference, tmp_
 
     # The restart (here in this process, as the workflow would rerun the same command) resumes.
     with caplog.at_level(logging.INFO, logger="echochamber.pretrain"):
-        P.run(settings(save_every=10), mix, tok, cell, device="cpu", threads=1)
+        P.run(settings(), mix, tok, cell, device="cpu", threads=1, save_every=10)
     assert f"resuming from {cell / 'resume'} at step {saved_at}" in caplog.text
     resumed = pd.read_parquet(cell / "curve.parquet")
     ref = reference[1]
@@ -266,22 +266,22 @@ def test_a_mixture_from_another_tokenizer_is_refused(world, tmp_path):
         P.run(settings(), mix, tmp_path / "other", tmp_path / "cell", device="cpu")
 
 
-def _interrupted_run(s, mix, tok, cell, monkeypatch):
+def _interrupted_run(s, mix, tok, cell, monkeypatch, save_every=3):
     """A run that dies after its last resume save (at the final checkpoint write), leaving resume/."""
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
         m.setattr(models, "save_checkpoint", crash)
         with pytest.raises(KeyboardInterrupt):
-            P.run(s, mix, tok, cell, device="cpu", threads=1)
+            P.run(s, mix, tok, cell, device="cpu", threads=1, save_every=save_every)
     assert (cell / "resume" / "progress.json").is_file()
 
 
 def test_a_resume_state_from_other_settings_is_ignored(world, tmp_path, monkeypatch, caplog):
     _, mix, tok, _ = world
-    s = settings(max_steps=6, save_every=3)
+    s = settings(max_steps=6)
     _interrupted_run(s, mix, tok, tmp_path / "cell", monkeypatch)
-    other = settings(max_steps=6, save_every=3, lr=5e-3)
+    other = settings(max_steps=6, lr=5e-3)
     with caplog.at_level(logging.INFO, logger="echochamber.pretrain"):
         P.run(other, mix, tok, tmp_path / "cell", device="cpu", threads=1)
     assert "ignoring" in caplog.text and "resuming" not in caplog.text
@@ -292,7 +292,7 @@ def test_a_resume_state_from_other_settings_is_ignored(world, tmp_path, monkeypa
 
 def test_a_damaged_resume_state_stops_with_one_sentence_naming_it(world, tmp_path, monkeypatch):
     _, mix, tok, _ = world
-    s = settings(max_steps=6, save_every=3)
+    s = settings(max_steps=6)
     cell = tmp_path / "cell"
     _interrupted_run(s, mix, tok, cell, monkeypatch)
     state = next(f for f in (cell / "resume").iterdir() if f.name.startswith("optimizer"))

@@ -172,6 +172,7 @@ def _check_grid(config: dict, origin: str) -> None:
     """The grid is a set of buildable cells: no duplicates (KL values equal as numbers included), every
     KL value a distinct cell path, at least one cell, and no large model without GPUs."""
     from echochamber import grid as ec_grid
+    from echochamber import pretrain
 
     g = config["grid"]
     for key in ("mixtures", "scales", "seeds"):
@@ -185,22 +186,20 @@ def _check_grid(config: dict, origin: str) -> None:
                 raise ConfigError(f"{origin}: grid.algos.{algo}.kl: {paths[path]!r} and {kl!r} are {same} "
                                   f"(both kl={path}); list each coefficient once")
             paths[path] = kl
-    if not ec_grid.pretrain_cells(config) and not ec_grid.rl_cells(config):
+    pretrain_cells, rl_cells = ec_grid.pretrain_cells(config), ec_grid.rl_cells(config)
+    if not pretrain_cells and not rl_cells:
         raise ConfigError(f"{origin}: grid: no cells are left (grid.exclude removes every combination of "
                           f"grid.mixtures, grid.scales and grid.seeds)")
-    scales_used = {c.scale for c in ec_grid.pretrain_cells(config)}
     released = {z for by_scale in (config.get("base_models") or {}).values() for z in (by_scale or {})}
-    pretrain = config.get("pretrain", {})
-    for name in sorted(scales_used):
+    for name in sorted({c.scale for c in pretrain_cells}):
         n = _block_params(config["scales"][name])
         if n < GPU_ONLY_PARAMS:
             continue
-        gpus = (pretrain.get("per_scale", {}).get(name, {}) or {}).get("gpus", pretrain.get("gpus", 0))
-        if name not in released and not gpus:
+        if name not in released and not pretrain.gpus(config, name):
             raise ConfigError(f"{origin}: pretrain.gpus: scale {name} ({n / 1e6:.0f}M parameters in its blocks) "
                               f"is not meant for CPUs; set pretrain.gpus (or pretrain.per_scale.{name}.gpus) "
                               f"or remove {name} from grid.scales")
-        if ec_grid.rl_cells(config) and not config.get("rl", {}).get("gpus"):
+        if rl_cells and not config.get("rl", {}).get("gpus"):
             raise ConfigError(f"{origin}: rl.gpus: scale {name} ({n / 1e6:.0f}M parameters in its blocks) is "
                               f"not meant for CPUs; set rl.gpus or remove {name} from grid.scales")
 

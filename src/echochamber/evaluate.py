@@ -235,8 +235,9 @@ def find_checkpoints(rl_dir: str | os.PathLike, skip_steps: Sequence[int] = (0,)
             found[int(m.group(1))] = p
     if not found:
         raise EvalError(f"no checkpoints to evaluate under {root} (expected step=T/ folders)")
-    found = dict(sorted(found.items()))
-    return dict([list(found.items())[-1]]) if which == "last" else found
+    if which == "last":
+        return {max(found): found[max(found)]}
+    return dict(sorted(found.items()))
 
 
 def load_checkpoint(path: str | os.PathLike):

@@ -201,20 +201,23 @@ def judge(db_path: str | os.PathLike) -> list[Finding]:
     return [f(db_path) for f in FINDINGS]
 
 
-def table(findings: list[Finding]) -> str:
+def frame(findings: list[Finding]):
+    """The findings as a DataFrame: finding, name, verdict, numbers."""
     import pandas as pd
 
-    return store.format_frame(pd.DataFrame([f.as_row() for f in findings]), "table")
+    return pd.DataFrame([f.as_row() for f in findings])
+
+
+def table(findings: list[Finding]) -> str:
+    return store.format_frame(frame(findings), "table")
 
 
 def write_tsv(findings: list[Finding], path: str | os.PathLike) -> None:
     """The findings table as a tab-separated file (the report rule's ``findings.tsv``), written atomically."""
-    import pandas as pd
-
     from echochamber.io import atomic_path
 
     with atomic_path(path) as tmp:
-        pd.DataFrame([f.as_row() for f in findings]).to_csv(tmp, sep="\t", index=False)
+        frame(findings).to_csv(tmp, sep="\t", index=False)
 
 
 def default_db(config_file: str | os.PathLike = "config.yaml") -> Path:

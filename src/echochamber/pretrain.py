@@ -350,7 +350,7 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
                      len(slices), world, stream.n_tokens, manifest.get("unigram_entropy", float("nan")))
 
         order = Order(n_seq, s["seed"])
-        every = int(save_every or s.get("save_every") or SAVE_EVERY)
+        every = int(save_every or SAVE_EVERY)
         bar = tqdm(total=steps, initial=step, disable=not main, file=sys.stderr, ascii=True,
                    mininterval=10, desc="pretrain", dynamic_ncols=False)
         t_start = time.perf_counter()

@@ -10,8 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from echochamber import findings, plots, store
 from echochamber.formats import FORMATS
 from echochamber.io import atomic_path
@@ -97,7 +95,7 @@ def render_html(db_path, sets: list[plots.FigureSet], figures_rel: str, text_sum
              f"{html.escape(store.meta(db_path).get('built_at', '?'))}. Every number below is a query on it.</p>",
              "<h2>Summary</h2>", f"<pre>{html.escape(text_summary)}</pre>",
              "<h2>The paper's findings</h2>",
-             _table(pd.DataFrame([f.as_row() for f in findings.judge(db_path)]), "F1-F7 as this grid shows them",
+             _table(findings.frame(findings.judge(db_path)), "F1-F7 as this grid shows them",
                     "criteria: echochamber.findings (and the README); `echochamber findings` prints the same table"),
              "<h2>Tables</h2>"]
     for name, title in (("pass1_before_after", "pass@1, pass@k and maj@k before and after RL"),

@@ -189,10 +189,10 @@ _ARROW_KINDS = {"DOUBLE": ("integer", "floating"), "INTEGER": ("integer",), "BIG
                 "VARCHAR": ("string",), "BOOLEAN": ("boolean",)}
 
 
-def _writer(spec: TableSpec, f: str) -> str:
+def _writer(spec: TableSpec, coords: dict) -> str:
     if spec.name in _WRITERS:
         return _WRITERS[spec.name]
-    return "eval_base" if coordinates(f, spec.path_keys)["algo"] == BASE_ALGO else "eval_rl"
+    return "eval_base" if coords["algo"] == BASE_ALGO else "eval_rl"
 
 
 def _arrow_kind(t: pa.DataType) -> str:
@@ -204,19 +204,21 @@ def _arrow_kind(t: pa.DataType) -> str:
     return str(t)
 
 
-def _check_files(spec: TableSpec, files: list[str]) -> None:
+def _check_files(spec: TableSpec, files: list[str]) -> list[dict]:
     """Every file is readable parquet holding each documented column with a compatible type, and no cell
-    appears twice; otherwise one sentence naming the file and the rule that writes it."""
+    appears twice; otherwise one sentence naming the file and the rule that writes it. Returns each
+    file's coordinates."""
     import pyarrow.parquet as pq
 
     seen: dict[tuple, str] = {}
-    for f in files:
-        key = (*cell_key(c := coordinates(f, spec.path_keys)), *(c[k] for k in spec.path_keys))
+    rows = [coordinates(f, spec.path_keys) for f in files]
+    for f, c in zip(files, rows):
+        key = (*cell_key(c), *(c[k] for k in spec.path_keys))
         if key in seen:
             raise StoreError(f"{f} and {seen[key]} are the same cell of table {spec.name}; each cell's file "
                              f"must be listed once")
         seen[key] = f
-        rule = _writer(spec, f)
+        rule = _writer(spec, c)
         try:
             schema = pq.read_schema(f)
         except Exception as e:  # noqa: BLE001 - any reader error means the file is unusable
@@ -232,6 +234,7 @@ def _check_files(spec: TableSpec, files: list[str]) -> None:
             if kind != "null" and kind not in _ARROW_KINDS[sql_type]:
                 raise StoreError(f"{f}: column {col} holds {have[col]} values where table {spec.name} needs "
                                  f"{sql_type}; delete it and rerun rule {rule}, which writes it")
+    return rows
 
 
 def _create_table(con, spec: TableSpec, files: list[str]) -> int:
@@ -241,8 +244,7 @@ def _create_table(con, spec: TableSpec, files: list[str]) -> int:
         cols = {**coord_cols, **spec.columns}
         con.execute(f"CREATE TABLE {spec.name} ({', '.join(f'{_ident(c)} {t}' for c, t in cols.items())})")
         return 0
-    _check_files(spec, files)
-    rows = [coordinates(f, spec.path_keys) for f in files]
+    rows = _check_files(spec, files)
     paths = pa.table({
         "filename": pa.array(files, pa.string()),
         **{k: pa.array([r[k] for r in rows], pa.float64() if t == "DOUBLE" else

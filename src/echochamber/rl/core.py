@@ -260,12 +260,12 @@ def policy_logits(model, exp: Experience) -> torch.Tensor:
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Log-probs of ``tokens`` under ``softmax(logits / temperature)``: RL scores at the sampling temperature,
     as the paper's OpenRLHF does, so ratios and KL compare the distribution that was sampled."""
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1 else logits.float() / temperature
     return logits.gather(-1, tokens[..., None])[..., 0] - logits.logsumexp(-1)
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    logp = (logits.float() / temperature).log_softmax(-1)
+    logp = (logits.float() if temperature == 1 else logits.float() / temperature).log_softmax(-1)
     return -(logp.exp() * logp).sum(-1)
 
 
@@ -296,8 +296,9 @@ def annotate(exp: Experience, policy, *, ref=None, critic=None, micro_batch_size
             logits = policy_logits(policy, mb)
             old[idx, :logits.shape[1]] = token_logprobs(logits, mb.response_ids, temperature).cpu()
             ent[idx, :logits.shape[1]] = token_entropy(logits, temperature).cpu()
-            if raw is not None:
-                raw[idx, :logits.shape[1]] = token_logprobs(logits, mb.response_ids).cpu()
+            if raw is not None:     # at temperature 1 the old log-probs are the raw ones: no second pass
+                raw[idx, :logits.shape[1]] = (old[idx, :logits.shape[1]] if temperature == 1 else
+                                              token_logprobs(logits, mb.response_ids).cpu())
             del logits
             if ref is not None:
                 logits = policy_logits(ref, mb)
