@@ -93,10 +93,12 @@ BASE_MODEL_CELLS = ec_base.cells(config)
 
 RL_CELLS = {c.id: c for c in ec_grid.rl_cells(config)}
 RL_CELL = "mixture={mixture}/scale={scale}/algo={algo}/kl={kl}/seed={seed}"
+# Every module of the sandbox package, where the reward runs model-written code (RL and evaluation jobs).
+SANDBOX_SRC = sorted((SRC / "sandbox").glob("*.py"))
 # The library code every RL job runs; each job also runs its own algorithm's module (rl/<algo>.py, imported
 # lazily by rl/train.py), so editing ppo.py reruns the PPO cells only.
 RL_SRC = [SRC / "rl" / f for f in ("__init__.py", "settings.py", "core.py", "train.py")] \
-    + [SRC / f for f in ("reward.py", "rollout.py", "sandbox.py", "formats.py", "models.py")] \
+    + [SRC / f for f in ("reward.py", "rollout.py", "formats.py", "models.py")] + SANDBOX_SRC \
     + [SRC / "data" / "tokenizer.py"]
 RL_SCRIPT = SCRIPTS / "rl.py"
 
@@ -121,7 +123,7 @@ def rl_prompts():
 
 EVAL_BASE_CELL = "mixture={mixture}/scale={scale}/algo=base/kl=0/seed={seed}"
 # Library code an evaluation depends on: editing it reruns the evaluations.
-EVAL_SRC = [SRC / f for f in ("evaluate.py", "formats.py", "rollout.py", "reward.py", "sandbox.py", "models.py")]
+EVAL_SRC = [SRC / f for f in ("evaluate.py", "formats.py", "rollout.py", "reward.py", "models.py")] + SANDBOX_SRC
 
 
 def eval_benchmark_file(w):
