@@ -187,6 +187,11 @@ def test_rl_code_edit_reruns_its_rl_cells_not_pretraining(ws):
         jobs = dry_run(ws)
     assert counts(jobs) == {"rl": 2, "eval_rl": 4, "ingest": 1, "report": 1, "all": 1}
 
+    # The reward's sandbox is a package: any of its modules reruns RL and every evaluation, no pretraining.
+    with edited(ws["repo"] / "src" / "echochamber" / "sandbox" / "confinement.py", "\n# a comment\n"):
+        jobs = dry_run(ws)
+    assert counts(jobs) == {"rl": 2, "eval_base": 2, "eval_rl": 4, "ingest": 1, "report": 1, "all": 1}
+
 
 @contextlib.contextmanager
 def replaced(path: Path, old: str, new: str):
