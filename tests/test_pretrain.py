@@ -253,7 +253,7 @@ def test_a_missing_mixture_stops_with_one_sentence_naming_the_path(world, tmp_pa
     code = P.main(["--settings", json.dumps(settings()), "--mixture", str(missing), "--tokenizer", str(tok),
                    "--out", str(tmp_path / "cell"), "--device", "cpu"])
     assert code == 1
-    err_lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("pretrain error:")]
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pretrain error:")]
     assert len(err_lines) == 1 and str(missing) in err_lines[0]
     assert not (tmp_path / "cell" / "model").exists()
 

@@ -163,7 +163,9 @@ def test_padding_never_enters_the_losses_or_their_gradients():
 
     def losses(garbage):
         lp = logp.clone().requires_grad_(True)
-        fill = lambda t: torch.where(mask, t, torch.full_like(t, garbage))
+        def fill(t):
+            return torch.where(mask, t, torch.full_like(t, garbage))
+
         old, adv = fill(logp.detach() + 0.1), fill(torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.3, 0, 0, 0]]))
         pl, _ = core.clipped_policy_loss(lp, old, adv, mask, 0.2, "seq_mean")
         kl = core.aggregate(core.kl_estimate(lp, fill(logp.detach() - 0.3), "k3", mask), mask, "token_mean")
@@ -295,7 +297,8 @@ def test_padding_tokens_do_not_change_log_probs_or_values(world):
     noisy = copy.copy(exp)
     g = torch.Generator().manual_seed(3)
     vocab = len(world["tok"])
-    noisy.prompt_ids = torch.where(exp.prompt_mask, exp.prompt_ids, torch.randint(0, vocab, exp.prompt_ids.shape, generator=g))
+    noisy.prompt_ids = torch.where(exp.prompt_mask, exp.prompt_ids,
+                                   torch.randint(0, vocab, exp.prompt_ids.shape, generator=g))
     noisy.response_ids = torch.where(exp.response_mask, exp.response_ids,
                                      torch.randint(0, vocab, exp.response_ids.shape, generator=g))
     again, _ = core.annotate(noisy, tr.policy, ref=tr.ref, critic=tr.critic, micro_batch_size=3,
@@ -361,8 +364,8 @@ def read_run(out):
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "ei"])
 def test_a_run_writes_steps_samples_and_checkpoints(world, tmp_path, algo):
     out = tmp_path / algo
-    res = train.run(spec(algo=algo, kl_coef=0.01 if algo != "ei" else 0.0), base=world["base"], prompts=world["prompts"],
-                    out=out, scorer=gold_in_text)
+    res = train.run(spec(algo=algo, kl_coef=0.01 if algo != "ei" else 0.0), base=world["base"],
+                    prompts=world["prompts"], out=out, scorer=gold_in_text)
     steps, samples = read_run(out)
     assert list(steps.columns) == core.STEP_COLUMNS and list(samples.columns) == core.SAMPLE_COLUMNS
     assert steps.step.tolist() == [1, 2]
@@ -438,7 +441,8 @@ def test_hanging_crashing_and_hostile_code_gets_zero_reward_and_the_run_goes_on(
     crash = "def simple_math_problem() -> int:\n    return 1 // 0\n"
     hostile = ("def simple_math_problem() -> int:\n    import os\n    os.kill(os.getppid(), 9)\n"
                "    return 12\n")
-    escape = "def simple_math_problem() -> int:\n    open('/tmp/echochamber-rl-escape', 'w').write('x')\n    return 12\n"
+    escape = ("def simple_math_problem() -> int:\n    open('/tmp/echochamber-rl-escape', 'w').write('x')\n"
+              "    return 12\n")
     fine = "def simple_math_problem() -> int:\n    result = 12\n    return result\n"
     engine = ScriptedEngine(world["tok"], [hang, crash, hostile, escape])
     s = spec(algo="grpo", max_new_tokens=64, max_steps=2, samples_per_prompt=4, rollout_batch_size=1,
@@ -489,8 +493,8 @@ def test_expert_iteration_keeps_distinct_verified_answers_and_learns_them(world,
 
 
 def test_cell_spec_holds_only_what_the_cell_uses():
-    cfg = {"grid": {"mixtures": ["m"], "scales": ["s"], "seeds": [0], "algos": {"ppo": {"kl": [0, 0.01]},
-                                                                                "grpo": {"kl": [0.01]}, "ei": {"kl": [0]}}},
+    cfg = {"grid": {"mixtures": ["m"], "scales": ["s"], "seeds": [0],
+                    "algos": {"ppo": {"kl": [0, 0.01]}, "grpo": {"kl": [0.01]}, "ei": {"kl": [0]}}},
            "rl": {"actor_lr": 1e-4, "grpo": {"epochs": 2}}}
     cells = ec_grid.rl_cells(cfg)
     by = {(c.algo, c.kl): settings.cell_spec(cfg, c) for c in cells}

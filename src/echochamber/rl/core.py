@@ -38,7 +38,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_sum(x, mask) / mask.sum().clamp(min=1)
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimators of KL(policy || reference) from samples of the policy (Schulman's k1/k2/k3).
 
     k1 = log p - log q (unbiased, can be negative); k2 = (log p - log q)^2 / 2; k3 = q/p - 1 - log(q/p)
@@ -148,7 +149,8 @@ def make_optimizer(params, lr: float, betas, total_steps: int, warmup_ratio: flo
 
 
 def minibatches(n: int, size: int, generator: torch.Generator | None = None, group: int = 1) -> list[torch.Tensor]:
-    """Shuffle ``n`` rows into minibatches of ``size``; rows ``group`` apart stay together when ``group`` divides ``size``."""
+    """Shuffle ``n`` rows into minibatches of ``size``; rows ``group`` apart stay together when ``group`` divides
+    ``size``."""
     if group > 1 and size % group == 0 and n % group == 0:
         order = torch.randperm(n // group, generator=generator)
         order = (order[:, None] * group + torch.arange(group)).reshape(-1)
@@ -309,7 +311,10 @@ def annotate(exp: Experience, policy, *, ref=None, critic=None, micro_batch_size
                 values[idx, :v.shape[1]] = v.float().cpu()
     dev = exp.response_ids.device
     mask = exp.response_mask.cpu()
-    put = lambda x: None if x is None else x.masked_fill(~mask, 0.0).to(dev)
+
+    def put(x):
+        return None if x is None else x.masked_fill(~mask, 0.0).to(dev)
+
     gap = None if raw is None else float(masked_sum((sampled_logprobs.cpu().float() - raw).abs(), mask))
     return replace(exp, old_logprobs=put(old), entropy=put(ent), ref_logprobs=put(ref_lp), values=put(values)), gap
 

@@ -17,12 +17,12 @@ import torch
 from echochamber.rl.core import (
     Accel,
     Experience,
-    rollout_row,
     left_pad,
     make_optimizer,
     masked_sum,
     policy_logits,
     right_pad,
+    rollout_row,
     score,
     task_rewards,
     token_logprobs,
