@@ -108,6 +108,7 @@ RL_CELL = "mixture={mixture}/scale={scale}/algo={algo}/kl={kl}/seed={seed}"
 RL_SRC = (
     [SRC / "rl" / f for f in ("__init__.py", "settings.py", "core.py", "train.py")]
     + [SRC / f for f in ("reward.py", "rollout.py", "sandbox.py", "formats.py", "models.py")]
+    + [SRC / f for f in ("tensors.py", "schedule.py")]
     + [SRC / "data" / "tokenizer.py"]
 )
 RL_SCRIPT = SCRIPTS / "rl.py"
@@ -133,7 +134,9 @@ def rl_prompts():
 
 EVAL_BASE_CELL = "mixture={mixture}/scale={scale}/algo=base/kl=0/seed={seed}"
 # Library code an evaluation depends on: editing it reruns the evaluations.
-EVAL_SRC = [SRC / f for f in ("evaluate.py", "formats.py", "rollout.py", "reward.py", "sandbox.py", "models.py")]
+EVAL_SRC = [
+    SRC / f for f in ("evaluate.py", "formats.py", "rollout.py", "tensors.py", "reward.py", "sandbox.py", "models.py")
+]
 
 
 def eval_benchmark_file(w):

@@ -52,6 +52,7 @@ rule pretrain:
         curve=f"{PRETRAIN_CELL}/curve.parquet",
     input:
         SRC / "pretrain.py",
+        SRC / "schedule.py",
         SRC / "models.py",
         SRC / "data" / "mixture.py",
         script=SCRIPTS / "pretrain.py",
