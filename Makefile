@@ -1,5 +1,6 @@
-# The two commands of the README: `make run` (the embedded study) and `make test` (the test suite).
-# Both create .venv on first use and reuse it afterwards (the stamp file tracks pyproject.toml).
+# The two commands of the README: `make run` (the embedded study) and `make test` (the test suite);
+# `make lint` runs the linters CI runs before the tests.
+# All three create .venv on first use and reuse it afterwards (the stamp file tracks pyproject.toml).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 CORES ?= all
 
-.PHONY: run test setup clean-results
+.PHONY: run test lint setup clean-results
 
 setup: $(STAMP)
 
@@ -25,6 +26,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (pyproject's [tool.ruff]), snakefmt ([tool.snakefmt]) and Snakemake's own lints on both configs
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check Snakefile rules/
+	$(BIN)/snakemake --lint
+	$(BIN)/snakemake --lint --configfile configs/paper.yaml
 
 clean-results:
 	rm -rf results .snakemake

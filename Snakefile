@@ -12,8 +12,7 @@ if not workflow.overwrite_configfiles:
     configfile: "config.yaml"
 
 
-
-report: "rules/report/workflow.rst"     # `snakemake --report report.zip`: figures, findings, runtimes
+report: "rules/report/workflow.rst"  # `snakemake --report report.zip`: figures, findings, runtimes
 
 
 include: "rules/common.smk"

@@ -3,10 +3,11 @@
 CPU (mini scales, minutes):   python bench/rollout.py
 GPU (150M, under 4 minutes):  python bench/rollout.py --device cuda --scale 150M
 
-Random-init OLMo models of config.yaml's scale ladder; EOS is disabled so every row generates exactly --new-tokens tokens. Each
-implementation is timed --repeats times (interleaved) and the best run is reported: wall time on CUDA,
-process CPU time on CPU (one torch thread by default). On CUDA a first section checks the engine against
-an HF forward pass (log-probs of sampled tokens, fp32 and bf16, eager and CUDA graphs).
+Random-init OLMo models of config.yaml's scale ladder; EOS is disabled so every row generates exactly
+--new-tokens tokens. Each implementation is timed --repeats times (interleaved) and the best run is
+reported: wall time on CUDA, process CPU time on CPU (one torch thread by default). On CUDA a first
+section checks the engine against an HF forward pass (log-probs of sampled tokens, fp32 and bf16,
+eager and CUDA graphs).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 # Config validation, the grid, paths and every helper the rule files use (rule files hold only rules).
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
+
+from snakemake.settings.types import DeploymentMethod
 
 from echochamber import base_models as ec_base
 from echochamber import config as ec_config
@@ -17,22 +18,26 @@ from echochamber.rl import settings as rl_settings
 
 CONFIG_ORIGIN = ", ".join(map(str, workflow.overwrite_configfiles)) or "config.yaml"
 try:
-    ec_config.validate(config, origin=CONFIG_ORIGIN)     # the same checks as `echochamber validate`
+    ec_config.validate(config, origin=CONFIG_ORIGIN)  # the same checks as `echochamber validate`
 except ec_config.ConfigError as e:
     sys.exit(f"Config error: {e}")
 
 R = config["results"]
 # Library sources a rule's results depend on: editing them reruns that stage (see rules' inputs).
 SRC = Path(workflow.basedir) / "src" / "echochamber"
-# Each rule lists its workflow script as an input too: editing a script reruns that rule's jobs.
+# Rules list their workflow script among their inputs too, so editing a script reruns that rule's jobs.
 SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
 # Jobs may run in the conda env of envs/ (--sdm conda), which holds the dependencies, not the package.
 # (found beside the package, so a Snakefile symlinked elsewhere still finds it)
 CONDA_ENV = str(Path(ec_config.__file__).resolve().parents[2] / "envs" / "echochamber.yaml")
-# (--lint asks for an envvars directive here; these are set by the workflow itself, not required from users.)
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC.parent), os.environ.get("PYTHONPATH")]))
-# `python` in shell rules is this interpreter (the venv's), or the conda env's under --sdm conda.
-os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+# Every job's command (shell and script rules, local or on a cluster node) imports the package from this
+# checkout's src/, and its `python` is the interpreter running Snakemake (the venv's) unless the job runs in
+# the conda env (--sdm conda), whose python comes first. Set in the command, not in Snakemake's environment,
+# so conda jobs keep it too (Snakemake drops PYTHONPATH from theirs); `set -euo pipefail` is the default.
+JOB_PREFIX = f"set -euo pipefail; export PYTHONPATH={shlex.quote(str(SRC.parent))}${{PYTHONPATH:+:$PYTHONPATH}}; "
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    JOB_PREFIX += f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
+shell.prefix(JOB_PREFIX.replace("{", "{{").replace("}", "}}"))  # formatted like a command: braces are literal
 
 
 wildcard_constraints:
@@ -48,8 +53,9 @@ wildcard_constraints:
 
 def data_outputs():
     # a mixture whose every cell starts from a released checkpoint (base_models) needs none of its data
-    return expand(f"{R}/data/source={{source}}/{{split}}.parquet",
-                  source=ec_base.sources_needed(config), split=ec_grid.SPLITS)
+    return expand(
+        f"{R}/data/source={{source}}/{{split}}.parquet", source=ec_base.sources_needed(config), split=ec_grid.SPLITS
+    )
 
 
 def tokenizer_outputs():
@@ -62,10 +68,15 @@ def final_message():
     summary = Path(f"{R}/summary.txt")
     lines = ["", summary.read_text().rstrip()] if summary.exists() else []
     lines += ["", f"Results are under {R}/:"]
-    for what, path in [("data (one folder per source)", f"{R}/data"), ("tokenizer", f"{R}/tokenizer"),
-                       ("pretrained models", f"{R}/pretrain"), ("RL runs", f"{R}/rl"),
-                       ("evaluations", f"{R}/eval"), ("results store (query with `echochamber sql`)", f"{R}/echo.duckdb"),
-                       ("report", f"{R}/report.html")]:
+    for what, path in [
+        ("data (one folder per source)", f"{R}/data"),
+        ("tokenizer", f"{R}/tokenizer"),
+        ("pretrained models", f"{R}/pretrain"),
+        ("RL runs", f"{R}/rl"),
+        ("evaluations", f"{R}/eval"),
+        ("results store (query with `echochamber sql`)", f"{R}/echo.duckdb"),
+        ("report", f"{R}/report.html"),
+    ]:
         if Path(path).exists():
             lines.append(f"  {what:<48} {path}")
     breakdown = ec_timing.report(f"{R}/benchmarks")
@@ -80,8 +91,7 @@ PRETRAIN_CELL = f"{R}/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}
 def pretrain_outputs():
     """Every pretrain cell's checkpoint folder and loss curve (for rule all)."""
     cells = ec_grid.pretrain_cells(config)
-    return ([f"{R}/pretrain/{c.id}/model" for c in cells]
-            + [f"{R}/pretrain/{c.id}/curve.parquet" for c in cells])
+    return [f"{R}/pretrain/{c.id}/model" for c in cells] + [f"{R}/pretrain/{c.id}/curve.parquet" for c in cells]
 
 
 # --- base_models ------------------------------------------------------------------------------
@@ -97,9 +107,12 @@ RL_CELL = "mixture={mixture}/scale={scale}/algo={algo}/kl={kl}/seed={seed}"
 SANDBOX_SRC = sorted((SRC / "sandbox").glob("*.py"))
 # The library code every RL job runs; each job also runs its own algorithm's module (rl/<algo>.py, imported
 # lazily by rl/train.py), so editing ppo.py reruns the PPO cells only.
-RL_SRC = [SRC / "rl" / f for f in ("__init__.py", "settings.py", "core.py", "train.py")] \
-    + [SRC / f for f in ("reward.py", "rollout.py", "formats.py", "models.py")] + SANDBOX_SRC \
+RL_SRC = (
+    [SRC / "rl" / f for f in ("__init__.py", "settings.py", "core.py", "train.py")]
+    + [SRC / f for f in ("reward.py", "rollout.py", "formats.py", "models.py", "tensors.py", "schedule.py")]
+    + SANDBOX_SRC
     + [SRC / "data" / "tokenizer.py"]
+)
 RL_SCRIPT = SCRIPTS / "rl.py"
 
 
@@ -123,7 +136,9 @@ def rl_prompts():
 
 EVAL_BASE_CELL = "mixture={mixture}/scale={scale}/algo=base/kl=0/seed={seed}"
 # Library code an evaluation depends on: editing it reruns the evaluations.
-EVAL_SRC = [SRC / f for f in ("evaluate.py", "formats.py", "rollout.py", "reward.py", "models.py")] + SANDBOX_SRC
+EVAL_SRC = [
+    SRC / f for f in ("evaluate.py", "formats.py", "rollout.py", "tensors.py", "reward.py", "models.py")
+] + SANDBOX_SRC
 
 
 def eval_benchmark_file(w):
@@ -134,13 +149,17 @@ def eval_benchmark_file(w):
 def eval_outputs():
     """metrics.parquet of every RL cell and every pretrained model, for each configured benchmark."""
     names = list(ec_eval.benchmarks(config))
-    base = [f"{R}/eval/{EVAL_BASE_CELL.format(**vars(c))}/benchmark={b}/metrics.parquet"
-            for c in ec_grid.pretrain_cells(config) for b in names]
+    base = [
+        f"{R}/eval/{EVAL_BASE_CELL.format(**vars(c))}/benchmark={b}/metrics.parquet"
+        for c in ec_grid.pretrain_cells(config)
+        for b in names
+    ]
     rl = [f"{R}/eval/{c.id}/benchmark={b}/metrics.parquet" for c in ec_grid.rl_cells(config) for b in names]
     return base + rl
 
 
 # --- results ----------------------------------------------------------------------------------
+
 
 def store_inputs():
     """Every per-cell parquet file the store is built from, by table."""
@@ -157,8 +176,9 @@ def store_inputs():
 
 def store_cells():
     """The grid's cells as coordinates; base models are algo=base, kl=0."""
-    base = [dict(mixture=c.mixture, scale=c.scale, algo="base", kl=0.0, seed=c.seed)
-            for c in ec_grid.pretrain_cells(config)]
+    base = [
+        dict(mixture=c.mixture, scale=c.scale, algo="base", kl=0.0, seed=c.seed) for c in ec_grid.pretrain_cells(config)
+    ]
     return base + [c.as_dict() for c in ec_grid.rl_cells(config)]
 
 

@@ -31,8 +31,11 @@ rule tokenizer:
         SRC / "data" / "tokenizer.py",
         SCRIPTS / "make_tokenizer.py",
         # a BPE is trained on the mixtures' text; a pretrained tokenizer needs no data
-        train=expand(f"{R}/data/source={{source}}/train.parquet", source=ec_grid.mixture_sources(config))
-        if config["tokenizer"]["kind"] == "bpe" else [],
+        train=(
+            expand(f"{R}/data/source={{source}}/train.parquet", source=ec_grid.mixture_sources(config))
+            if config["tokenizer"]["kind"] == "bpe"
+            else []
+        ),
     params:
         spec=config["tokenizer"],
     log:

@@ -15,8 +15,8 @@ rule eval_rl:
         checkpoints=f"{R}/rl/{RL_CELL}/checkpoints",
         benchmark=eval_benchmark_file,
     params:
-        checkpoints=lambda w: f"{R}/rl/{RL_CELL.format(**w)}",   # its checkpoints/step=T/ folders
-        which=lambda w: ec_eval.benchmarks(config)[w.benchmark]["checkpoints"],   # all | last
+        checkpoints=lambda w: f"{R}/rl/{RL_CELL.format(**w)}",  # its checkpoints/step=T/ folders
+        which=lambda w: ec_eval.benchmarks(config)[w.benchmark]["checkpoints"],  # all | last
         settings=lambda w: ec_eval.settings_from_config(config, int(w.seed)),
     threads: 1
     log:

@@ -52,14 +52,14 @@ rule pretrain:
         curve=f"{PRETRAIN_CELL}/curve.parquet",
     input:
         SRC / "pretrain.py",
+        SRC / "schedule.py",
         SRC / "models.py",
         SRC / "data" / "mixture.py",
         script=SCRIPTS / "pretrain.py",
         mixture=f"{R}/mixtures/mixture={{mixture}}/manifest.json",
         tokenizer=f"{R}/tokenizer/tokenizer_config.json",
     params:
-        settings=lambda w: shlex.quote(json.dumps(ec_pretrain.settings(config, w.scale, int(w.seed)),
-                                                  sort_keys=True)),
+        settings=lambda w: shlex.quote(json.dumps(ec_pretrain.settings(config, w.scale, int(w.seed)), sort_keys=True)),
         launch=lambda w, resources: ec_launch.launch_args(ec_launch.job_processes(resources)),
         cell=lambda w, output: str(Path(output.curve).parent),
     threads: ec_pretrain.threads(config)
@@ -73,7 +73,6 @@ rule pretrain:
     benchmark:
         f"{R}/benchmarks/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}.tsv"
     shell:
-        # (--lint: the script's path comes from workflow.basedir; it is the same file in every job)
         "python -m accelerate.commands.launch {params.launch} {input.script}"
         " --settings {params.settings} --save-every {resources.save_every} --mixture $(dirname {input.mixture})"
         " --tokenizer $(dirname {input.tokenizer}) --out {params.cell} --threads {threads} > {log} 2>&1"

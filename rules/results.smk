@@ -31,8 +31,9 @@ rule report:
         html=report(f"{R}/report.html", category="Report", caption="report/workflow.rst"),
         summary=f"{R}/summary.txt",
         findings=report(f"{R}/findings.tsv", category="Findings", caption="report/findings.rst"),
-        figures=report(directory(f"{R}/figures"), patterns=["{name}.png"], category="Figures",
-                       caption="report/figures.rst"),
+        figures=report(
+            directory(f"{R}/figures"), patterns=["{name}.png"], category="Figures", caption="report/figures.rst"
+        ),
     input:
         [SRC / f for f in ("plots.py", "report.py", "store.py", "findings.py")],
         sorted(Path(workflow.basedir, "queries").glob("*.sql")),

@@ -59,6 +59,7 @@ def tiny(tmp_path):
 # --- Slurm: a one-node cluster for tests/test_slurm.py ------------------------------------------------
 import shutil  # noqa: E402
 
+
 def _slurm_ready() -> bool:
     try:
         out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
@@ -75,7 +76,8 @@ def slurm_cluster():
     def unavailable(reason: str):
         (pytest.fail if in_ci else pytest.skip)(f"Slurm unavailable: {reason}")
 
-    sudo = os.geteuid() != 0 and shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0
+    sudo = (os.geteuid() != 0 and shutil.which("sudo")
+            and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0)
     if os.geteuid() != 0 and not sudo:
         if not _slurm_ready():
             unavailable("not root (nor password-less sudo), so .ci/slurm-up.sh cannot start slurm-wlm and munge")

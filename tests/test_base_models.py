@@ -7,8 +7,8 @@ import re
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import ROOT, snakemake, tiny_config, write_config
 
+from conftest import ROOT, snakemake, tiny_config, write_config
 from echochamber import base_models, grid, models, pretrain
 from echochamber import config as ec_config
 from echochamber.data import tokenizer

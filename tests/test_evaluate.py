@@ -129,7 +129,7 @@ class FakeVerdict:
 def fake_scorer(completions, golds):
     """Deterministic and independent of the real reward: the answer is the completion's length mod 3."""
     out = []
-    for c, g in zip(completions, golds):
+    for c in completions:
         ans = None if len(c) % 5 == 0 else str(len(c) % 3)
         out.append(FakeVerdict(ans == "1", "bogus-format", ans))   # format falls back to classify()
     return out
@@ -327,7 +327,8 @@ def test_workflow_evaluates_ingests_and_reports(world, tmp_path):
     db = res / "echo.duckdb"
     con = duckdb.connect(str(db), read_only=True)
     try:
-        rows = con.execute("SELECT algo, benchmark, step, n_problems FROM evals ORDER BY algo, benchmark, step").fetchall()
+        rows = con.execute("SELECT algo, benchmark, step, n_problems FROM evals "
+                           "ORDER BY algo, benchmark, step").fetchall()
         assert rows == [("base", "hard", 0, 3), ("base", "test", 0, 3),
                         ("ppo", "hard", 2, 3), ("ppo", "test", 1, 3), ("ppo", "test", 2, 3)]
         assert con.execute("SELECT count(*) FROM generations").fetchone()[0] == 5 * 3 * (1 + 2)

@@ -34,7 +34,8 @@ def write_cell(root, cell, *, winner="omi1", collapse_at=4, steps=10, checkpoint
     rows = []
     for step in range(1, steps + 1):
         t = 0.95 if collapse_at is not None and step >= collapse_at else 0.5 * step / steps
-        rows.append({"step": step, "episode": 0, "reward": 0.5, **{f"share_{f}": v for f, v in shares(winner, t).items()},
+        rows.append({"step": step, "episode": 0, "reward": 0.5,
+                     **{f"share_{f}": v for f, v in shares(winner, t).items()},
                      **{f"acc_{f}": 0.5 for f in FORMATS}, "kl_div": 0.0, "entropy": 1.0, "clip_frac": 0.0,
                      "approx_kl": 0.0, "value_loss": 0.1, "response_len": 80.0, "trunc_rate": 0.0,
                      "tokens_per_s": 1e4})
@@ -45,7 +46,8 @@ def write_cell(root, cell, *, winner="omi1", collapse_at=4, steps=10, checkpoint
     files.append(_write([metric(checkpoints[-1], shares(winner, final_t), hard[1], hard[1], hard[1])],
                         root / f"eval/{cid}/benchmark=hard/metrics.parquet"))
     base = root / f"eval/mixture={m}/scale={z}/algo=base/kl=0/seed={s}"
-    files.append(_write([metric(0, BASE_SHARES, pass1[0], pass_k[0], maj_k[0], accs)], base / "benchmark=test/metrics.parquet"))
+    files.append(_write([metric(0, BASE_SHARES, pass1[0], pass_k[0], maj_k[0], accs)],
+                        base / "benchmark=test/metrics.parquet"))
     files.append(_write([metric(0, BASE_SHARES, hard[0], hard[0], hard[0])], base / "benchmark=hard/metrics.parquet"))
     return files
 

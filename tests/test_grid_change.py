@@ -10,6 +10,7 @@ import copy
 
 import duckdb
 import pandas as pd
+
 from conftest import snakemake, write_config
 
 OLD_KL, NEW_KL = 0.0, 0.05

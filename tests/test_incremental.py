@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from conftest import ROOT, SNAKEMAKE, tiny_config, write_config
 
 NEW_MIXTURE = "as_fm3_2xtg"

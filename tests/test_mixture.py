@@ -115,7 +115,7 @@ def test_mixture_is_deterministic_and_the_seed_moves_the_fraction(world, tmp_pat
     M.tokenize_source("tg", files["tg"], tok, tmp_path / "tg7", batch_rows=7)              # other batching
     weights = {"tg": 0.5, "omi2": 1}
     a = M.build("m", weights, tokens, tmp_path / "a", seed=0)
-    b = M.build("m", weights, {**tokens, "tg": tmp_path / "tg7"}, tmp_path / "b", seed=0)
+    M.build("m", weights, {**tokens, "tg": tmp_path / "tg7"}, tmp_path / "b", seed=0)
     c = M.build("m", weights, tokens, tmp_path / "c", seed=1)
     read = lambda d: M.TokenStream(d).read(0, M.TokenStream(d).n_tokens)             # noqa: E731
     assert np.array_equal(read(tmp_path / "a"), read(tmp_path / "b"))

@@ -61,7 +61,7 @@ def test_every_figure_uses_the_format_colours_and_labels_its_axes(rich_sets):
     format_hex = {mcolors.to_hex(c) for c in plots.FORMAT_COLORS.values()}
     n_format_lines = 0
     for fs in rich_sets:
-        for stem, caption, fig in fs.figures:
+        for stem, _caption, fig in fs.figures:
             for ax in fig.axes:
                 assert ax.get_xlabel() and ax.get_ylabel(), (stem, ax.get_title())
                 for line in ax.get_lines():

@@ -72,15 +72,6 @@ def _script_args(s: dict, mix, tok, out, threads=1, save_every=1000) -> list[str
 
 # ----------------------------------------------------------------------------- pieces
 
-def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
-    f = [P.lr_factor(s, warmup=10, total=110, min_ratio=0.1) for s in range(110)]
-    assert f[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
-    assert f[10] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert f[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 50 / 99)))
-    assert P.lr_factor(0, warmup=0, total=5, min_ratio=0.1) == pytest.approx(1.0)
-
-
 def test_data_order_is_a_seeded_permutation_per_epoch():
     o = P.Order(10, seed=3)
     first, second = o.indices(0, 10), o.indices(10, 10)
@@ -253,7 +244,7 @@ def test_a_missing_mixture_stops_with_one_sentence_naming_the_path(world, tmp_pa
     code = P.main(["--settings", json.dumps(settings()), "--mixture", str(missing), "--tokenizer", str(tok),
                    "--out", str(tmp_path / "cell"), "--device", "cpu"])
     assert code == 1
-    err_lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("pretrain error:")]
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pretrain error:")]
     assert len(err_lines) == 1 and str(missing) in err_lines[0]
     assert not (tmp_path / "cell" / "model").exists()
 

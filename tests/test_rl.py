@@ -15,6 +15,7 @@ from echochamber import config as ec_config
 from echochamber import grid as ec_grid
 from echochamber import models as ec_models
 from echochamber import rollout as ec_rollout
+from echochamber import tensors
 from echochamber.data import synthetic
 from echochamber.data import tokenizer as ec_tokenizer
 from echochamber.formats import document
@@ -118,8 +119,8 @@ class ScriptedEngine:
             cut = len(ids) == params.max_new_tokens
             responses.append(ids if cut else ids + [self.tok.eos_token_id])
             truncated.append(cut)
-        pi, pm = core.left_pad(prompts, self.tok.pad_token_id)
-        ri, rm = core.right_pad(responses, self.tok.pad_token_id)
+        pi, pm = tensors.left_pad(prompts, self.tok.pad_token_id)
+        ri, rm = tensors.right_pad(responses, self.tok.pad_token_id)
         return ec_rollout.RolloutBatch(pi, pm, ri, rm, torch.zeros(ri.shape), torch.tensor(truncated))
 
 
@@ -163,7 +164,9 @@ def test_padding_never_enters_the_losses_or_their_gradients():
 
     def losses(garbage):
         lp = logp.clone().requires_grad_(True)
-        fill = lambda t: torch.where(mask, t, torch.full_like(t, garbage))
+        def fill(t):
+            return torch.where(mask, t, torch.full_like(t, garbage))
+
         old, adv = fill(logp.detach() + 0.1), fill(torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.3, 0, 0, 0]]))
         pl, _ = core.clipped_policy_loss(lp, old, adv, mask, 0.2, "seq_mean")
         kl = core.aggregate(core.kl_estimate(lp, fill(logp.detach() - 0.3), "k3", mask), mask, "token_mean")
@@ -190,12 +193,7 @@ def test_whiten_uses_only_real_tokens():
     assert (w[~mask] == 0).all()
 
 
-def test_cosine_schedule_warms_up_then_decays_to_min_ratio():
-    f = core.cosine_schedule(100, 10, 0.1)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(10) == pytest.approx(1.0)
-    assert all(f(i) >= f(i + 1) for i in range(10, 100))
-    assert f(100) == pytest.approx(0.1) and f(1000) == pytest.approx(0.1)
+def test_make_optimizer_starts_at_the_peak_lr_without_warm_up():
     _, sched = core.make_optimizer([torch.nn.Parameter(torch.zeros(1))], 1e-3, (0.9, 0.95), 10, 0.0, 0.5)
     assert sched.get_last_lr()[0] == pytest.approx(1e-3)
 
@@ -295,7 +293,8 @@ def test_padding_tokens_do_not_change_log_probs_or_values(world):
     noisy = copy.copy(exp)
     g = torch.Generator().manual_seed(3)
     vocab = len(world["tok"])
-    noisy.prompt_ids = torch.where(exp.prompt_mask, exp.prompt_ids, torch.randint(0, vocab, exp.prompt_ids.shape, generator=g))
+    noisy.prompt_ids = torch.where(exp.prompt_mask, exp.prompt_ids,
+                                   torch.randint(0, vocab, exp.prompt_ids.shape, generator=g))
     noisy.response_ids = torch.where(exp.response_mask, exp.response_ids,
                                      torch.randint(0, vocab, exp.response_ids.shape, generator=g))
     again, _ = core.annotate(noisy, tr.policy, ref=tr.ref, critic=tr.critic, micro_batch_size=3,
@@ -361,8 +360,8 @@ def read_run(out):
 @pytest.mark.parametrize("algo", ["ppo", "grpo", "ei"])
 def test_a_run_writes_steps_samples_and_checkpoints(world, tmp_path, algo):
     out = tmp_path / algo
-    res = train.run(spec(algo=algo, kl_coef=0.01 if algo != "ei" else 0.0), base=world["base"], prompts=world["prompts"],
-                    out=out, scorer=gold_in_text)
+    res = train.run(spec(algo=algo, kl_coef=0.01 if algo != "ei" else 0.0), base=world["base"],
+                    prompts=world["prompts"], out=out, scorer=gold_in_text)
     steps, samples = read_run(out)
     assert list(steps.columns) == core.STEP_COLUMNS and list(samples.columns) == core.SAMPLE_COLUMNS
     assert steps.step.tolist() == [1, 2]
@@ -438,7 +437,8 @@ def test_hanging_crashing_and_hostile_code_gets_zero_reward_and_the_run_goes_on(
     crash = "def simple_math_problem() -> int:\n    return 1 // 0\n"
     hostile = ("def simple_math_problem() -> int:\n    import os\n    os.kill(os.getppid(), 9)\n"
                "    return 12\n")
-    escape = "def simple_math_problem() -> int:\n    open('/tmp/echochamber-rl-escape', 'w').write('x')\n    return 12\n"
+    escape = ("def simple_math_problem() -> int:\n    open('/tmp/echochamber-rl-escape', 'w').write('x')\n"
+              "    return 12\n")
     fine = "def simple_math_problem() -> int:\n    result = 12\n    return result\n"
     engine = ScriptedEngine(world["tok"], [hang, crash, hostile, escape])
     s = spec(algo="grpo", max_new_tokens=64, max_steps=2, samples_per_prompt=4, rollout_batch_size=1,
@@ -459,7 +459,8 @@ def test_expert_iteration_keeps_distinct_verified_answers_and_learns_them(world,
                        base=world["base"], prompts=world["prompts"], out=tmp_path / "capped", scorer=gold_in_text)
     assert capped["rows"][0]["unique"] <= 10 and read_run(tmp_path / "capped")[1].prompt.nunique() <= 5
     right = "\\boxed{GOLD}"
-    s = settings.Settings.from_spec(spec(algo="ei", ei=dict(rounds=2, samples_per_prompt=3, batch_size=4, epochs=3,
+    # 4 optimizer steps: the lr schedule warms up over 1, then reaches its floor on the last
+    s = settings.Settings.from_spec(spec(algo="ei", ei=dict(rounds=2, samples_per_prompt=3, batch_size=4, epochs=4,
                                                             lr=3e-3, from_base=True)))
     policy, tok = ec_models.load_checkpoint(world["base"])
     prompts, golds = prompts_of(world, 2)
@@ -469,8 +470,8 @@ def test_expert_iteration_keeps_distinct_verified_answers_and_learns_them(world,
     target = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
 
     def nll():
-        pi, pm = core.left_pad(prompts, tok.pad_token_id)
-        ri, rm = core.right_pad(target, tok.pad_token_id)
+        pi, pm = tensors.left_pad(prompts, tok.pad_token_id)
+        ri, rm = tensors.right_pad(target, tok.pad_token_id)
         with torch.no_grad():
             return float(ei.sft_loss(policy, core.Experience(pi, pm, ri, rm), int(rm.sum())))
 
@@ -489,8 +490,8 @@ def test_expert_iteration_keeps_distinct_verified_answers_and_learns_them(world,
 
 
 def test_cell_spec_holds_only_what_the_cell_uses():
-    cfg = {"grid": {"mixtures": ["m"], "scales": ["s"], "seeds": [0], "algos": {"ppo": {"kl": [0, 0.01]},
-                                                                                "grpo": {"kl": [0.01]}, "ei": {"kl": [0]}}},
+    cfg = {"grid": {"mixtures": ["m"], "scales": ["s"], "seeds": [0],
+                    "algos": {"ppo": {"kl": [0, 0.01]}, "grpo": {"kl": [0.01]}, "ei": {"kl": [0]}}},
            "rl": {"actor_lr": 1e-4, "grpo": {"epochs": 2}}}
     cells = ec_grid.rl_cells(cfg)
     by = {(c.algo, c.kl): settings.cell_spec(cfg, c) for c in cells}

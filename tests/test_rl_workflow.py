@@ -46,7 +46,8 @@ def workdir(tmp_path):
     # a snapshot of the sources the rule lists as inputs (others may edit the live tree meanwhile)
     shutil.copytree(ROOT / "src" / "echochamber", tmp_path / "src" / "echochamber",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "workflow_scripts", tmp_path / "workflow_scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "workflow_scripts", tmp_path / "workflow_scripts",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "Snakefile").write_text(SNAKEFILE)
     results = tmp_path / "results"
     cfg = tiny_rl_config(results)

@@ -119,7 +119,9 @@ def f3(db) -> Finding:
     verdicts, parts = [], []
     for (mixture, scale, algo), g in sorted(swept.items()):
         lo, hi = min(r["kl"] for r in g), max(r["kl"] for r in g)
-        at = lambda kl, key: [r[key] for r in g if r["kl"] == kl]   # noqa: E731
+        def at(kl, key, g=g):
+            return [r[key] for r in g if r["kl"] == kl]
+
         more_minority = _mean(at(hi, "minority_after")) - _mean(at(lo, "minority_after"))
         pass_k_gap = _mean(at(hi, "pass_k_change")) - _mean(at(lo, "pass_k_change"))
         verdicts.append(more_minority >= KL_MINORITY_POINTS and pass_k_gap >= 0)

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from echochamber.io import atomic_path
+from echochamber.schedule import lr_factor
 
 DEFAULTS = {
     "seq_len": 256, "batch_size": 32, "micro_batch_size": 32, "epochs": 1.0, "max_steps": None,
@@ -107,16 +108,6 @@ def check_config(config: dict, origin: str = "config") -> None:
 
 
 # ----------------------------------------------------------------------------- schedule and data order
-
-def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr for the step with 0-based index ``step``: linear warm-up over ``warmup``
-    steps, then a cosine from 1 down to ``min_ratio`` at the last step."""
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup - 1)
-    progress = min(1.0, (step - warmup) / span)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
 
 class Order:
     """The seeded visiting order of ``n`` sequences: position k is epoch k // n, a fresh permutation each."""

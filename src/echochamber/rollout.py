@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from echochamber.tensors import left_pad, position_ids, right_pad, token_logprobs
+
 _LN_EPS = 1e-5  # OlmoLayerNorm's fixed epsilon
 _BLOCK = 32  # KV-cache positions per block; attention reads whole blocks
 _CUDA_CHECK_EVERY = 8  # on CUDA, read the finished flags (a host sync) every this many steps
@@ -96,20 +98,7 @@ def sample_tokens(
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
 
 
-def _token_logprobs(logits: torch.Tensor, tokens: torch.LongTensor) -> torch.Tensor:
-    return logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]
-
-
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-    mask = torch.arange(width) >= width - torch.tensor([len(p) for p in prompts])[:, None]
-    return ids.to(device), mask.to(device)
 
 
 def _concat(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
@@ -323,7 +312,7 @@ class RolloutEngine:
     # ------------------------------------------------------------------------------------ decode loop
 
     def _generate(self, prompts, params: SamplingParams, generator) -> RolloutBatch:
-        ids, mask = _left_pad(prompts, self.pad_id, self.device)
+        ids, mask = left_pad(prompts, self.pad_id, self.device)
         b, p = ids.shape
         t_max = params.max_new_tokens
         self._reserve(b, p + t_max)
@@ -343,7 +332,7 @@ class RolloutEngine:
             live = ~done[rows]
             tokens = torch.where(live, tokens, self.pad_id)
             out_ids[rows, t] = tokens
-            out_lp[rows, t] = torch.where(live, _token_logprobs(logits, tokens), 0.0)
+            out_lp[rows, t] = torch.where(live, token_logprobs(logits, tokens), 0.0)
             n_out[rows] += live
             done[rows] |= tokens == self.eos_id
             if t == t_max - 1:
@@ -401,7 +390,7 @@ class RolloutEngine:
         """Run the prompts, fill the cache, return fp32 logits at the last position [b, vocab]."""
         b, p = ids.shape
         blocks = _blocks(p)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        positions = position_ids(mask)
         self.bias[:, :b] = -math.inf
         self.bias[:blocks, :b] = _to_blocks(torch.where(mask, 0.0, -math.inf), blocks, -math.inf)
         causal = torch.ones(p, p, dtype=torch.bool, device=self.device).tril()
@@ -523,7 +512,7 @@ def hf_generate(
     to ``generate`` (e.g. ``cache_implementation="static"``).
     """
     device = model.lm_head.weight.device
-    ids, mask = _left_pad(prompts, pad_id, device)
+    ids, mask = left_pad(prompts, pad_id, device)
     sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
     kwargs = dict(
         attention_mask=mask.long(),
@@ -542,8 +531,7 @@ def hf_generate(
             torch.manual_seed(seed)
         out = model.generate(ids, **kwargs)
     response = out.sequences[:, ids.shape[1] :]
-    logits = torch.stack(out.logits, dim=1).float()  # raw logits, temperature 1
-    logprobs = logits.log_softmax(dim=-1).gather(2, response[:, :, None])[:, :, 0]
+    logprobs = token_logprobs(torch.stack(out.logits, dim=1), response)  # raw logits, temperature 1
     is_eos = response == eos_id
     after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
     response_mask = ~after_eos
@@ -587,20 +575,16 @@ def vllm_generate(
         seed=seed,
     )
     outputs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sampling)]
-    ids, mask = _left_pad(prompts, pad_id, "cpu")
-    width = max(len(o.token_ids) for o in outputs)
-    response = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    logprobs = torch.zeros(len(prompts), width)
-    for i, o in enumerate(outputs):
-        tokens = list(o.token_ids)
-        response[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        logprobs[i, : len(tokens)] = torch.tensor([step[t].logprob for step, t in zip(o.logprobs, tokens)])
-    lengths = torch.tensor([len(o.token_ids) for o in outputs])
+    ids, mask = left_pad(prompts, pad_id, "cpu")
+    tokens = [list(o.token_ids) for o in outputs]
+    response, response_mask = right_pad(tokens, pad_id)
+    logprobs, _ = right_pad([[step[t].logprob for step, t in zip(o.logprobs, ts)] for o, ts in zip(outputs, tokens)],
+                            0.0, dtype=torch.float)
     return RolloutBatch(
         prompt_ids=ids,
         prompt_mask=mask,
         response_ids=response,
-        response_mask=torch.arange(width) < lengths[:, None],
+        response_mask=response_mask,
         logprobs=logprobs,
         truncated=torch.tensor([o.finish_reason == "length" for o in outputs]),
     )

@@ -53,7 +53,7 @@ class Share:
     fraction: float
 
     @classmethod
-    def of(cls, weight: float) -> "Share":
+    def of(cls, weight: float) -> Share:
         if not weight > 0 or not math.isfinite(weight):
             raise ValueError(f"a mixture weight must be a positive number, not {weight!r}")
         copies = int(math.floor(weight + 1e-9))
@@ -249,7 +249,7 @@ def _load(path: Path) -> np.ndarray:
                            f"rebuild the source's tokens") from None
 
 
-def _copy_documents(folder: Path, docs: np.ndarray, writer: "_ShardWriter", vocab: int) -> np.ndarray:
+def _copy_documents(folder: Path, docs: np.ndarray, writer: _ShardWriter, vocab: int) -> np.ndarray:
     """Append the documents ``docs`` (sorted indices) of a tokenized source to ``writer``; their token counts."""
     lengths = _load(folder / LENGTHS)
     starts = np.concatenate([[0], np.cumsum(lengths)])

@@ -2,8 +2,8 @@
 
 Digits are split one per token, as the Llama-2 tokenizer of the paper does, and every newline is a
 token of its own, so a prompt ending in the blank line tokenizes exactly as the start of a training
-document does (a merged "\n\n" at the end of a prompt would be a token the model never saw there). Every tokenizer is saved
-as a ``transformers`` folder with an EOS and a pad token, so checkpoints load it with AutoTokenizer.
+document does (a merged "\n\n" at the end of a prompt would be a token the model never saw there). Every
+tokenizer is saved as a ``transformers`` folder with an EOS and a pad token, so checkpoints load it with AutoTokenizer.
 """
 
 from __future__ import annotations

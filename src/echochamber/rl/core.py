@@ -14,6 +14,7 @@ accumulation over micro-batches. ``ppo`` and ``grpo`` only define advantages and
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 
 from echochamber import formats as ec_formats
+from echochamber.schedule import lr_factor
+from echochamber.tensors import model_inputs, token_logprobs
 
 log = logging.getLogger("echochamber.rl")
 
@@ -38,7 +41,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_sum(x, mask) / mask.sum().clamp(min=1)
 
 
-def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token estimators of KL(policy || reference) from samples of the policy (Schulman's k1/k2/k3).
 
     k1 = log p - log q (unbiased, can be negative); k2 = (log p - log q)^2 / 2; k3 = q/p - 1 - log(q/p)
@@ -129,26 +133,18 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, *, eps: float = 1e-8, reduce=Non
     return ((x - mean) * torch.rsqrt(var.clamp(min=eps))).masked_fill(~mask, 0.0)
 
 
-def cosine_schedule(total_steps: int, warmup_steps: int, min_ratio: float):
-    """A LambdaLR factor: linear warm-up to 1 over ``warmup_steps``, then cosine down to ``min_ratio``."""
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return factor
-
-
 def make_optimizer(params, lr: float, betas, total_steps: int, warmup_ratio: float, min_ratio: float):
     """Adam without weight decay and its cosine schedule (stepped once per optimizer step)."""
     opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=1e-8, weight_decay=0.0)
     warmup = math.ceil(warmup_ratio * total_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(total_steps, warmup, min_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
+        lr_factor, warmup=warmup, total=total_steps, min_ratio=min_ratio))
     return opt, sched
 
 
 def minibatches(n: int, size: int, generator: torch.Generator | None = None, group: int = 1) -> list[torch.Tensor]:
-    """Shuffle ``n`` rows into minibatches of ``size``; rows ``group`` apart stay together when ``group`` divides ``size``."""
+    """Shuffle ``n`` rows into minibatches of ``size``; rows ``group`` apart stay together when ``group`` divides
+    ``size``."""
     if group > 1 and size % group == 0 and n % group == 0:
         order = torch.randperm(n // group, generator=generator)
         order = (order[:, None] * group + torch.arange(group)).reshape(-1)
@@ -168,27 +164,6 @@ def checkpoint_steps(total: int, per_episode: int, n: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- batches
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = True
-    return ids, mask
-
-
-def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = True
-    return ids, mask
 
 
 @dataclass
@@ -241,27 +216,12 @@ def micro_batches(exp: Experience, idx: torch.Tensor, size: int) -> list[torch.T
     return [idx[i:i + size] for i in range(0, len(idx), size)]
 
 
-def model_inputs(prompt_ids, prompt_mask, response_ids, response_mask):
-    """Concatenated ids, attention mask and position ids (0 at each prompt's first real token)."""
-    ids = torch.cat([prompt_ids, response_ids], dim=1)
-    mask = torch.cat([prompt_mask, response_mask], dim=1)
-    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
-    return ids, mask.long(), positions
-
-
 def policy_logits(model, exp: Experience) -> torch.Tensor:
     """Logits ``[b, T, vocab]`` predicting each response token (only those positions go through the head)."""
     ids, mask, pos = model_inputs(exp.prompt_ids, exp.prompt_mask, exp.response_ids, exp.response_mask)
     t = exp.response_ids.shape[1]
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=t + 1, use_cache=False)
     return out.logits[:, :-1]
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs of ``tokens`` under ``softmax(logits / temperature)``: RL scores at the sampling temperature,
-    as the paper's OpenRLHF does, so ratios and KL compare the distribution that was sampled."""
-    logits = logits.float() if temperature == 1 else logits.float() / temperature
-    return logits.gather(-1, tokens[..., None])[..., 0] - logits.logsumexp(-1)
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -309,7 +269,10 @@ def annotate(exp: Experience, policy, *, ref=None, critic=None, micro_batch_size
                 values[idx, :v.shape[1]] = v.float().cpu()
     dev = exp.response_ids.device
     mask = exp.response_mask.cpu()
-    put = lambda x: None if x is None else x.masked_fill(~mask, 0.0).to(dev)
+
+    def put(x):
+        return None if x is None else x.masked_fill(~mask, 0.0).to(dev)
+
     gap = None if raw is None else float(masked_sum((sampled_logprobs.cpu().float() - raw).abs(), mask))
     return replace(exp, old_logprobs=put(old), entropy=put(ent), ref_logprobs=put(ref_lp), values=put(values)), gap
 

@@ -17,16 +17,14 @@ import torch
 from echochamber.rl.core import (
     Accel,
     Experience,
-    rollout_row,
-    left_pad,
     make_optimizer,
     masked_sum,
     policy_logits,
-    right_pad,
+    rollout_row,
     score,
     task_rewards,
-    token_logprobs,
 )
+from echochamber.tensors import left_pad, right_pad, token_logprobs
 
 
 def keep_verified(prompt_index: list[int], responses: list[list[int]], rewards: list[float]) -> list[int]:

@@ -12,7 +12,8 @@ import copy
 import torch
 from torch import nn
 
-from echochamber.rl.core import Experience, PolicyGradientTrainer, kl_estimate, last_token_index, model_inputs, whiten
+from echochamber.rl.core import Experience, PolicyGradientTrainer, kl_estimate, last_token_index, whiten
+from echochamber.tensors import model_inputs
 
 
 class Critic(nn.Module):

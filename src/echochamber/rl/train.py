@@ -187,7 +187,8 @@ def _progress(row: dict, total: int) -> str:
         v = row.get(key)
         return "-" if v is None else fmt.format(v)
     return (f"step {row['step']}/{total} ep {row['episode']} reward {f('reward')} "
-            f"share tg/omi1/text {f('share_tinygsm', '{:.2f}')}/{f('share_omi1', '{:.2f}')}/{f('share_text', '{:.2f}')} "
+            f"share tg/omi1/text {f('share_tinygsm', '{:.2f}')}/{f('share_omi1', '{:.2f}')}/"
+            f"{f('share_text', '{:.2f}')} "
             f"acc tg/omi1/text {f('acc_tinygsm', '{:.2f}')}/{f('acc_omi1', '{:.2f}')}/{f('acc_text', '{:.2f}')} "
             f"kl {f('kl_div', '{:.4f}')} ent {f('entropy')} clip {f('clip_frac')} vloss {f('value_loss')} "
             f"len {f('response_len', '{:.0f}')} trunc {f('trunc_rate', '{:.2f}')} "

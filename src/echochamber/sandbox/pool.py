@@ -39,7 +39,8 @@ class _Worker:
         import subprocess
 
         path = [str(Path(__file__).resolve().parents[2])] + [p for p in sys.path if os.path.isabs(p)]
-        boot = f"import sys; sys.path[:] = {path!r}; from echochamber.sandbox.worker import _worker_main; _worker_main()"
+        boot = (f"import sys; sys.path[:] = {path!r}; "
+                "from echochamber.sandbox.worker import _worker_main; _worker_main()")
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-X", "utf8", "-c", boot, _WORKER_TAG, token],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_worker_env(), cwd="/",

@@ -80,7 +80,7 @@ def _describe(exc: BaseException) -> str:
     return text[:1000]
 
 
-def _child_main(req: dict, workdir: str, out_fd: int, res_fd: int, box: "_Confinement") -> None:
+def _child_main(req: dict, workdir: str, out_fd: int, res_fd: int, box: _Confinement) -> None:
     """Confine this process, run the snippet, write one JSON result to fd 3, exit."""
     try:
         box.wire_fds(out_fd, res_fd)
