@@ -13,6 +13,7 @@ import torch
 
 from echochamber import config as ec_config
 from echochamber import grid as ec_grid
+from echochamber import manifest
 from echochamber import models as ec_models
 from echochamber import rollout as ec_rollout
 from echochamber.data import synthetic
@@ -367,8 +368,8 @@ def test_a_run_writes_steps_samples_and_checkpoints(world, tmp_path, algo):
     assert list(steps.columns) == core.STEP_COLUMNS and list(samples.columns) == core.SAMPLE_COLUMNS
     assert steps.step.tolist() == [1, 2]
     assert not (out / "steps.partial.parquet").exists()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step=1", "step=2"] == \
-        [f"step={s}" for s in res["checkpoints"]]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["manifest.json", "step=1", "step=2"]
+    assert manifest.steps(out / "checkpoints") == res["checkpoints"] == [1, 2]
     model, tok = ec_models.load_checkpoint(out / "checkpoints" / "step=2")
     assert model.config.hidden_size == 32
     row = steps.iloc[0]

@@ -76,7 +76,7 @@ def _advice(problem: str, fix: Path) -> ManifestError:
 
 def _read(path: Path, fix: Path, kind: str = "checkpoint") -> dict:
     if not path.parent.is_dir():
-        raise _advice(f"checkpoint {path.parent} does not exist", fix)
+        raise ManifestError(f"checkpoint {path.parent} does not exist; run snakemake again to write it")
     if not path.is_file():
         raise _advice(f"checkpoint {path.parent} has no {NAME} (its writer did not finish)", fix)
     try:
