@@ -563,6 +563,19 @@ def test_bad_inputs_end_in_one_sentence_naming_the_file(world, tmp_path, capfd):
     assert "ERROR checkpoint " in err and "missing does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "steps.parquet").exists()
 
+    # a base model whose weights differ from its manifest (same size): checked before it is loaded
+    import shutil
+    damaged = shutil.copytree(world["base"], tmp_path / "damaged")
+    weights = bytearray((damaged / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (damaged / "model.safetensors").write_bytes(bytes(weights))
+    rc = train.main(["--spec", json.dumps(spec()), "--base", str(damaged), "--prompts", str(world["prompts"]),
+                     "--out", str(tmp_path / "o")])
+    err = capfd.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert (f"ERROR checkpoint {damaged} is damaged: the sha256 of model.safetensors differs from its manifest; "
+            f"delete the folder {damaged} and run snakemake again to rewrite it") in err
+
 
 def test_step_prompts_reshuffle_each_episode():
     a, e0 = train.step_prompts(20, 5, 1, 4, seed=0)
