@@ -1,7 +1,7 @@
 # Released checkpoints instead of pretraining (config base_models): for the (mixture, scale) cells listed
-# there, this rule writes what the pretrain rule would (model/ + a zero-row curve.parquet), so RL,
-# evaluation and the store are unchanged. Its `cell` wildcard matches those cells only; ruleorder makes it
-# win over `pretrain` there. Include it after rules/pretrain.smk.
+# there, this rule writes what the pretrain rule would (model/ ending with its manifest.json + a zero-row
+# curve.parquet), so RL, evaluation and the store are unchanged. Its `cell` wildcard matches those cells
+# only; ruleorder makes it win over `pretrain` there. Include it after rules/pretrain.smk.
 
 
 ruleorder: base_model > pretrain
@@ -11,7 +11,7 @@ rule base_model:
     conda:
         CONDA_ENV
     output:
-        model=directory(f"{R}/pretrain/{{cell}}/model"),
+        model=f"{R}/pretrain/{{cell}}/model/manifest.json",
         curve=f"{R}/pretrain/{{cell}}/curve.parquet",
     input:
         SRC / "base_models.py",

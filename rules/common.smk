@@ -11,6 +11,7 @@ from echochamber import config as ec_config
 from echochamber import evaluate as ec_eval
 from echochamber import grid as ec_grid
 from echochamber import launch as ec_launch
+from echochamber import manifest as ec_manifest
 from echochamber import pretrain as ec_pretrain
 from echochamber import timing as ec_timing
 from echochamber.data.sources import source_spec
@@ -89,9 +90,11 @@ PRETRAIN_CELL = f"{R}/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}
 
 
 def pretrain_outputs():
-    """Every pretrain cell's checkpoint folder and loss curve (for rule all)."""
+    """Every pretrain cell's checkpoint (its manifest) and loss curve (for rule all)."""
     cells = ec_grid.pretrain_cells(config)
-    return [f"{R}/pretrain/{c.id}/model" for c in cells] + [f"{R}/pretrain/{c.id}/curve.parquet" for c in cells]
+    return [f"{R}/pretrain/{c.id}/model/manifest.json" for c in cells] + [
+        f"{R}/pretrain/{c.id}/curve.parquet" for c in cells
+    ]
 
 
 # --- base_models ------------------------------------------------------------------------------
@@ -184,3 +187,18 @@ def store_cells():
 
 def results_outputs():
     return [f"{R}/echo.duckdb", f"{R}/report.html", f"{R}/summary.txt", f"{R}/findings.tsv"]
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+# A checkpoint damaged or deleted after its manifest was written is invisible to Snakemake's file
+# times, so before scheduling any job the main process checks the sizes of every checkpoint the grid
+# holds (a stat per file; checksums are left to the consumer jobs, which verify what they load once)
+# and stops with one sentence naming the folder to delete, which reruns its writer.
+if workflow.is_main_process:
+    try:
+        ec_manifest.check_sizes(
+            [f"{R}/pretrain/{c.id}/model" for c in ec_grid.pretrain_cells(config)],
+            [f"{R}/rl/{c.id}/checkpoints" for c in RL_CELLS.values()],
+        )
+    except ec_manifest.ManifestError as e:
+        sys.exit(f"Checkpoint error: {e}")

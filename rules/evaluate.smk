@@ -12,10 +12,10 @@ rule eval_rl:
         EVAL_SRC,
         SCRIPTS / "evaluate_cell.py",
         steps=f"{R}/rl/{RL_CELL}/steps.parquet",
-        checkpoints=f"{R}/rl/{RL_CELL}/checkpoints",
+        checkpoints=f"{R}/rl/{RL_CELL}/checkpoints/manifest.json",
         benchmark=eval_benchmark_file,
     params:
-        checkpoints=lambda w: f"{R}/rl/{RL_CELL.format(**w)}",  # its checkpoints/step=T/ folders
+        checkpoints=lambda w: f"{R}/rl/{RL_CELL.format(**w)}",  # the steps checkpoints/manifest.json lists
         which=lambda w: ec_eval.benchmarks(config)[w.benchmark]["checkpoints"],  # all | last
         settings=lambda w: ec_eval.settings_from_config(config, int(w.seed)),
     threads: 1
@@ -36,10 +36,11 @@ rule eval_base:
     input:
         EVAL_SRC,
         SCRIPTS / "evaluate_cell.py",
-        model=f"{R}/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}/model",
+        model=f"{R}/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}/model/manifest.json",
         benchmark=eval_benchmark_file,
     params:
-        checkpoints=lambda w, input: {0: input.model},
+        checkpoints=lambda w, input: str(Path(input.model).parent),  # the model folder, as step 0
+        which="base",
         settings=lambda w: ec_eval.settings_from_config(config, int(w.seed)),
     threads: 1
     log:

@@ -48,7 +48,7 @@ rule pretrain:
     conda:
         CONDA_ENV
     output:
-        model=directory(f"{PRETRAIN_CELL}/model"),
+        model=f"{PRETRAIN_CELL}/model/manifest.json",  # written last (echochamber.manifest)
         curve=f"{PRETRAIN_CELL}/curve.parquet",
     input:
         SRC / "pretrain.py",

@@ -9,11 +9,12 @@ rule rl:
     output:
         steps=f"{R}/rl/{RL_CELL}/steps.parquet",
         samples=f"{R}/rl/{RL_CELL}/samples.parquet",
-        checkpoints=directory(f"{R}/rl/{RL_CELL}/checkpoints"),
+        # written last, over the planned steps: deleting it (or checkpoints/) reruns the cell
+        checkpoints=f"{R}/rl/{RL_CELL}/checkpoints/manifest.json",
     input:
         lambda w: RL_SRC + [SRC / "rl" / f"{w.algo}.py"],
         script=RL_SCRIPT,
-        base=f"{R}/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}/model",
+        base=f"{R}/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}/model/manifest.json",
         prompts=rl_prompts(),
     params:
         spec=lambda w: json.dumps(rl_spec(w), sort_keys=True),
@@ -21,6 +22,7 @@ rule rl:
         precision=lambda w: rl_spec(w)["precision"],
         port=lambda w: ec_launch.port_for(RL_CELL.format(**w)),
         out=lambda w, output: Path(output.steps).parent,
+        base=lambda w, input: Path(input.base).parent,
     threads: rl_settings.merged(config)["threads"]
     resources:
         gpu=rl_settings.merged(config)["gpus"],
@@ -31,5 +33,5 @@ rule rl:
     shell:
         # echochamber.launch picks the GPUs of the job's node, else --cpu; rank 0 writes, all ranks log here.
         "python -m echochamber.launch --processes {params.processes} --port {params.port} --precision {params.precision}"
-        " {input.script} --spec {params.spec:q} --base {input.base} --prompts {input.prompts}"
+        " {input.script} --spec {params.spec:q} --base {params.base} --prompts {input.prompts}"
         " --out {params.out} --threads {threads} > {log} 2>&1"

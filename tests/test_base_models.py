@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, snakemake, tiny_config, write_config
-from echochamber import base_models, grid, models, pretrain
+from echochamber import base_models, grid, manifest, models, pretrain
 from echochamber import config as ec_config
 from echochamber.data import tokenizer
 
@@ -110,9 +110,10 @@ def test_base_model_rule_materialises_the_cell_instead_of_pretraining(tmp_path, 
         "rl": "1"}
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    run = snakemake("--cores", "1", f"--configfile={path}", str(cell / "model"), str(cell / "curve.parquet"),
-                    cwd=tmp_path)
+    run = snakemake("--cores", "1", f"--configfile={path}", str(cell / "model" / "manifest.json"),
+                    str(cell / "curve.parquet"), cwd=tmp_path)
     assert re.search(r"^(local)?rule base_model:", run.stdout + run.stderr, re.MULTILINE)
+    manifest.verify(cell / "model")            # the materialised folder ends with its manifest
     got, tok = models.load_checkpoint(cell / "model")
     want = released.state_dict()
     assert got.state_dict().keys() == want.keys()

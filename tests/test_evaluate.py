@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from math import comb
 
@@ -10,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from echochamber import evaluate as ev
+from echochamber import manifest
 from echochamber.data import synthetic
 from echochamber.formats import FORMATS, document
 
@@ -161,10 +163,12 @@ def world(tmp_path_factory):
                          pad_token_id=tok.pad_token_id, bos_token_id=None)
         OlmoForCausalLM(cfg).save_pretrained(path)
         tok.save_pretrained(path)
+        manifest.write(path)
         return path
 
     rl = root / "rl"
     ckpts = {s: save(rl / "checkpoints" / f"step={s}", s) for s in (0, 3, 7)}
+    manifest.write_set(rl / "checkpoints", [0, 3, 7])
     return {"root": root, "tok": tok, "bench": bench, "rl": rl, "ckpts": ckpts, "docs": docs}
 
 
@@ -190,8 +194,39 @@ def test_find_checkpoints_skips_the_base_step(world, tmp_path):
     found = ev.find_checkpoints(world["rl"])
     assert list(found) == [3, 7] and found[3].name == "step=3"
     assert list(ev.find_checkpoints(world["rl"], skip_steps=())) == [0, 3, 7]
-    with pytest.raises(ev.EvalError, match="no checkpoints"):
+    with pytest.raises(ev.EvalError, match="checkpoints does not exist"):
         ev.find_checkpoints(tmp_path)
+    only_base = tmp_path / "only_base" / "checkpoints"
+    shutil.copytree(world["ckpts"][0], only_base / "step=0")
+    manifest.write_set(only_base, [0])
+    with pytest.raises(ev.EvalError, match="no checkpoints"):
+        ev.find_checkpoints(only_base.parent)
+
+
+def test_find_checkpoints_takes_the_steps_from_the_manifest(world, tmp_path):
+    """A deleted step stops the evaluation (never a shorter curve); a stray step folder is not evaluated."""
+    rl = tmp_path / "rl"
+    shutil.copytree(world["rl"], rl)
+    shutil.copytree(world["ckpts"][3], rl / "checkpoints" / "step=9")      # not in the manifest
+    assert list(ev.find_checkpoints(rl)) == [3, 7]
+    shutil.rmtree(rl / "checkpoints" / "step=3")
+    assert list(ev.find_checkpoints(rl, which="last")) == [7]         # only the evaluated step is checked
+    with pytest.raises(ev.EvalError) as e:
+        ev.find_checkpoints(rl)
+    assert str(e.value) == (f"checkpoint {rl}/checkpoints/step=3 is missing though {rl}/checkpoints/manifest.json "
+                            f"lists it; delete the folder {rl}/checkpoints and run snakemake again to rewrite it")
+
+
+def test_base_checkpoint_is_step_0_verified(world, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(world["ckpts"][0], model)
+    assert ev.base_checkpoint(model) == {0: model}
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1                                                    # same size, other bytes
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ev.EvalError, match=f"sha256 of model.safetensors differs.*delete the folder {model} "):
+        ev.base_checkpoint(model)
 
 
 def test_find_checkpoints_last_keeps_only_the_final_step(world):
@@ -313,6 +348,7 @@ def test_workflow_evaluates_ingests_and_reports(world, tmp_path):
     rl = res / "rl/mixture=as_fm3_tg_omi1_omi2/scale=s/algo=ppo/kl=0/seed=0"
     shutil.copytree(world["ckpts"][0], rl / "checkpoints/step=1")
     shutil.copytree(world["ckpts"][3], rl / "checkpoints/step=2")
+    manifest.write_set(rl / "checkpoints", [1, 2])
     (res / "data/source=gsm8k").mkdir(parents=True)
     shutil.copy(world["bench"], res / "data/source=gsm8k/test.parquet")
     shutil.copy(world["bench"], res / "data/source=gsm8k/hard.parquet")

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SNAKEMAKE, tiny_config, write_config
+from echochamber import manifest
 
 NEW_MIXTURE = "as_fm3_2xtg"
 
@@ -114,13 +115,21 @@ def ws(tmp_path_factory):
     ws = {"root": root, "repo": repo, "cfg": cfg, "config": write_config(root / "config.yaml", cfg)}
 
     # Every output of the DAG, as an empty file, or a folder for the directory() outputs (the workflow's
-    # only outputs without a file suffix: model/, checkpoints/, figures/; case (a) checks this held).
+    # only output without a file suffix: figures/), except the checkpoint manifests, which the workflow
+    # checks before any job: a real one over an empty model/ folder or over one empty checkpoint.
     results = str(cfg["results"])
     outputs = [line.split("\t")[0] for line in run(ws, "--summary").splitlines()
                if line.startswith(results + "/")]
-    assert any(o.endswith("/model") for o in outputs) and any(o.endswith("/echo.duckdb") for o in outputs)
+    assert any(o.endswith("/model/manifest.json") for o in outputs) and any(o.endswith("/echo.duckdb") for o in outputs)
     for out in map(Path, outputs):
-        if out.suffix:
+        if out.name == "manifest.json" and out.parent.name == "checkpoints":
+            (out.parent / "step=1").mkdir(parents=True, exist_ok=True)
+            manifest.write(out.parent / "step=1")
+            manifest.write_set(out.parent, [1])
+        elif out.name == "manifest.json" and out.parent.name == "model":
+            out.parent.mkdir(parents=True, exist_ok=True)
+            manifest.write(out.parent)
+        elif out.suffix:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.touch()
         else:

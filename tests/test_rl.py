@@ -13,9 +13,9 @@ import torch
 
 from echochamber import config as ec_config
 from echochamber import grid as ec_grid
+from echochamber import manifest, tensors
 from echochamber import models as ec_models
 from echochamber import rollout as ec_rollout
-from echochamber import tensors
 from echochamber.data import synthetic
 from echochamber.data import tokenizer as ec_tokenizer
 from echochamber.formats import document
@@ -366,8 +366,8 @@ def test_a_run_writes_steps_samples_and_checkpoints(world, tmp_path, algo):
     assert list(steps.columns) == core.STEP_COLUMNS and list(samples.columns) == core.SAMPLE_COLUMNS
     assert steps.step.tolist() == [1, 2]
     assert not (out / "steps.partial.parquet").exists()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step=1", "step=2"] == \
-        [f"step={s}" for s in res["checkpoints"]]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["manifest.json", "step=1", "step=2"]
+    assert manifest.steps(out / "checkpoints") == res["checkpoints"] == [1, 2]
     model, tok = ec_models.load_checkpoint(out / "checkpoints" / "step=2")
     assert model.config.hidden_size == 32
     row = steps.iloc[0]
@@ -562,6 +562,19 @@ def test_bad_inputs_end_in_one_sentence_naming_the_file(world, tmp_path, capfd):
     err = capfd.readouterr().err
     assert "ERROR checkpoint " in err and "missing does not exist" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "steps.parquet").exists()
+
+    # a base model whose weights differ from its manifest (same size): checked before it is loaded
+    import shutil
+    damaged = shutil.copytree(world["base"], tmp_path / "damaged")
+    weights = bytearray((damaged / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (damaged / "model.safetensors").write_bytes(bytes(weights))
+    rc = train.main(["--spec", json.dumps(spec()), "--base", str(damaged), "--prompts", str(world["prompts"]),
+                     "--out", str(tmp_path / "o")])
+    err = capfd.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert (f"ERROR checkpoint {damaged} is damaged: the sha256 of model.safetensors differs from its manifest; "
+            f"delete the folder {damaged} and run snakemake again to rewrite it") in err
 
 
 def test_step_prompts_reshuffle_each_episode():

@@ -10,7 +10,7 @@ log = setup_logging(snakemake.log[0])
 torch.set_num_threads(snakemake.threads)
 p = snakemake.params
 try:
-    checkpoints = (p.checkpoints if isinstance(p.checkpoints, dict)
+    checkpoints = (evaluate.base_checkpoint(p.checkpoints) if p.which == "base"
                    else evaluate.find_checkpoints(p.checkpoints, which=p.which))
     log.info("evaluating %d checkpoint(s) (steps %s) on %s", len(checkpoints), list(checkpoints),
              snakemake.input.benchmark)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from echochamber import manifest
 from echochamber.data.tokenizer import encode_prompt
 from echochamber.formats import FORMATS, classify
 from echochamber.io import atomic_path
@@ -220,24 +221,31 @@ def load_benchmark(path: str | os.PathLike, max_problems: int | None = None):
 
 def find_checkpoints(rl_dir: str | os.PathLike, skip_steps: Sequence[int] = (0,),
                      which: str = "all") -> dict[int, Path]:
-    """``step -> folder`` for every ``checkpoints/step=T/`` of an RL cell, in step order (``which="last"``:
-    only the last step's).
+    """``step -> folder`` of the steps an RL cell's ``checkpoints/manifest.json`` lists, in step order
+    (``which="last"``: only the last step's), each verified against it (sizes and checksums).
 
     Step 0 is skipped by default: it is the pretrained model, evaluated once as the ``algo=base`` cell.
+    The manifest, not the ``step=T/`` folders that happen to exist, says which steps there are: a
+    missing step stops the evaluation instead of shortening its curve.
     """
     if which not in CHECKPOINT_CHOICES:
         raise EvalError(f"eval.benchmarks.*.checkpoints: {which!r} is not one of {', '.join(CHECKPOINT_CHOICES)}")
     root = Path(rl_dir) / "checkpoints"
-    found = {}
-    for p in root.glob("step=*"):
-        m = re.fullmatch(r"step=(\d+)", p.name)
-        if m and p.is_dir() and int(m.group(1)) not in skip_steps:
-            found[int(m.group(1))] = p
-    if not found:
-        raise EvalError(f"no checkpoints to evaluate under {root} (expected step=T/ folders)")
-    if which == "last":
-        return {max(found): found[max(found)]}
-    return dict(sorted(found.items()))
+    try:
+        listed = [s for s in manifest.steps(root) if s not in skip_steps]
+        if not listed:
+            raise EvalError(f"no checkpoints to evaluate under {root} (its manifest lists no step but 0)")
+        return manifest.verify_set(root, [max(listed)] if which == "last" else listed)
+    except manifest.ManifestError as e:
+        raise EvalError(str(e)) from None
+
+
+def base_checkpoint(model_dir: str | os.PathLike) -> dict[int, Path]:
+    """``{0: folder}`` of a pretrained model (the ``algo=base`` cell), verified against its manifest."""
+    try:
+        return {0: manifest.verify(model_dir)}
+    except manifest.ManifestError as e:
+        raise EvalError(str(e)) from None
 
 
 def load_checkpoint(path: str | os.PathLike):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from echochamber import manifest
 from echochamber.io import atomic_path
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -120,12 +121,14 @@ def count_params(model, *, embeddings: bool = True) -> int:
 
 
 def save_checkpoint(model, tokenizer, path: str | os.PathLike) -> Path:
-    """Write ``model`` and ``tokenizer`` into one ``save_pretrained`` folder, atomically."""
+    """Write ``model`` and ``tokenizer`` into one ``save_pretrained`` folder, atomically, with its
+    ``manifest.json`` (sizes and checksums, echochamber.manifest) written last."""
     model = getattr(model, "_orig_mod", model)           # a torch.compile'd model saves its original
     path = Path(path)
     with atomic_path(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        manifest.write(tmp)
     return path
 
 

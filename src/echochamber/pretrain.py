@@ -11,7 +11,8 @@ One cell (mixture x scale x seed) is one call of :func:`run`, launched by ``acce
   ``min_lr_ratio`` x lr, gradient clipping, bf16 autocast and ``torch.compile`` when asked;
 - every ``save_every`` steps the full state (model, optimizer, scheduler, RNG, curve so far) goes
   to ``<cell>/resume/``; a restarted run with the same settings resumes there and loses at most that
-  interval; outputs are ``<cell>/model/`` (HF checkpoint + tokenizer) and ``<cell>/curve.parquet``.
+  interval; outputs are ``<cell>/model/`` (HF checkpoint + tokenizer + ``manifest.json``, written last)
+  and ``<cell>/curve.parquet``.
 
 torch, transformers and accelerate are imported inside functions, so the workflow can import the
 config helpers here (:func:`settings`, :func:`check_config`) cheaply; launch arguments are in

@@ -5,7 +5,8 @@ Writes under ``out`` (``results/rl/<RLCell.id>/``):
   while it runs, ``steps.partial.parquet`` holds the rows so far (replaced atomically each step);
 - ``samples.parquet``: ``samples_logged`` completions per step;
 - ``checkpoints/step=T/``: HF folders at ``n_checkpoints`` log-spaced steps, each episode's end and the
-  last step (every round for EI). Step 0 is the base model and is not saved.
+  last step (every round for EI). Step 0 is the base model and is not saved. ``checkpoints/manifest.json``
+  (echochamber.manifest), written last, lists the planned steps and their files: consumers use it.
 
 Run it under ``accelerate launch`` (``python -m echochamber.rl.train --help``); rank 0 writes.
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from echochamber import manifest as ec_manifest
 from echochamber import models as ec_models
 from echochamber.config import ConfigError
 from echochamber.data.tokenizer import encode_prompt
@@ -105,6 +108,8 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
     questions, golds = load_prompts(prompts, s.prompts.get("max_prompts"))
     if s.algo == "ei" and s.ei.max_prompts:
         questions, golds = questions[:s.ei.max_prompts], golds[:s.ei.max_prompts]
+    # the base model against its manifest: sizes on every process, checksums once (on the main one)
+    ec_manifest.verify(base, checksums=accel.main)
     policy, tok = load_checkpoint(base)
     if tok.pad_token_id is None or tok.eos_token_id is None:
         raise RLInputError(f"tokenizer of {base} needs an EOS and a pad token")
@@ -135,6 +140,8 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
             trainer = GRPOTrainer(s, policy, tok, ref=ref, scorer=scorer, accel=accel, total_updates=updates,
                                   engine=engine)
 
+    if accel.main:     # a rerun starts an empty set: no step of an earlier plan stays behind
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     rows, samples = [], []
     per_rank = (len(questions) if s.algo == "ei" else s.rollout_batch_size) // accel.world
     for step in range(1, p["total"] + 1):
@@ -167,6 +174,7 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
         core.write_table(samples, core.SAMPLE_COLUMNS, out / "samples.parquet")
         core.write_table(rows, core.STEP_COLUMNS, out / "steps.parquet")
         (out / "steps.partial.parquet").unlink(missing_ok=True)
+        ec_manifest.write_set(out / "checkpoints", p["checkpoints"])     # last: the set is complete
     wall = time.perf_counter() - t_start
     log.info("rl done in %.1fs: reward %.3f -> %.3f", wall, rows[0]["reward"] if rows else float("nan"),
              rows[-1]["reward"] if rows else float("nan"))
@@ -199,7 +207,7 @@ def _progress(row: dict, total: int) -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    return (ConfigError, RLInputError, ec_models.CheckpointError)
+    return (ConfigError, RLInputError, ec_models.CheckpointError, ec_manifest.ManifestError)
 
 
 def main(argv: list[str] | None = None) -> int:
