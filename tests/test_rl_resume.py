@@ -173,3 +173,13 @@ def test_the_fingerprint_follows_settings_and_input_contents_not_threads(world, 
     other = tmp_path / "prompts.parquet"
     other.write_bytes(world["prompts"].read_bytes() + b"\0")
     assert train.fingerprint(s, world["base"], other, 1) != fp
+
+
+def test_a_damaged_resume_state_stops_with_one_sentence_naming_it(world, tmp_path, monkeypatch, one_thread):
+    out = tmp_path / "cell"
+    _interrupted(world, spec("ppo"), out, monkeypatch)
+    state = out / "resume" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(train.RLInputError) as err:
+        train.run(spec("ppo"), base=world["base"], prompts=world["prompts"], out=out)
+    assert str(state) in str(err.value) and "\n" not in str(err.value)
