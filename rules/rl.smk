@@ -1,6 +1,7 @@
 # RL stage: one job per cell of echochamber.grid.rl_cells(config), launched with `accelerate launch`.
 # Each job gets only its own settings (rl.settings.cell_spec): editing GRPO settings reruns no PPO cell,
-# and editing a KL list only adds or removes cells.
+# and editing a KL list only adds or removes cells. A killed or requeued job resumes from <cell>/resume/,
+# which is no declared output, so Snakemake keeps it when it reruns the job.
 
 
 rule rl:
@@ -26,6 +27,8 @@ rule rl:
     threads: rl_settings.merged(config)["threads"]
     resources:
         gpu=rl_settings.merged(config)["gpus"],
+        # a runtime setting travels as a resource, which never triggers a rerun (params do)
+        save_every=rl_settings.merged(config)["save_every"],
     log:
         f"{R}/logs/rl/{RL_CELL}.log",
     benchmark:
@@ -34,4 +37,4 @@ rule rl:
         # echochamber.launch picks the GPUs of the job's node, else --cpu; rank 0 writes, all ranks log here.
         "python -m echochamber.launch --processes {params.processes} --port {params.port} --precision {params.precision}"
         " {input.script} --spec {params.spec:q} --base {params.base} --prompts {input.prompts}"
-        " --out {params.out} --threads {threads} > {log} 2>&1"
+        " --out {params.out} --threads {threads} --save-every {resources.save_every} > {log} 2>&1"

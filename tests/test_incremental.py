@@ -244,7 +244,7 @@ def test_runtime_settings_rerun_nothing(ws):
     """How a job runs (threads, save cadence) is not what it computes: editing them reruns no job."""
     def runtime(cfg):
         cfg["pretrain"].update(save_every=7, threads=2)
-        cfg["rl"].update(threads=2)
+        cfg["rl"].update(threads=2, save_every=3)
 
     out = run(ws, "-n", config=variant(ws, "runtime", runtime))
     assert "Nothing to be done" in out, out[-3000:]

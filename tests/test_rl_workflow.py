@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -115,6 +118,58 @@ def test_rl_rule_runs_every_cell_and_reruns_only_what_changed(workdir):
     (wd / "config.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
     plan = planned(smk(wd, "-n"))
     assert "algo=ppo/kl=0.001" in plan and "algo=ppo/kl=0/" not in plan and "algo=grpo" not in plan
+
+
+def descendants(pid: int) -> list[int]:
+    """Ids of the processes below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def test_a_killed_rl_job_is_retried_and_resumes(workdir):
+    """SIGKILL the job's processes mid-run (as a node failure or preemption would); Snakemake removes the
+    job's declared outputs, checkpoints/ among them, and retries it (the Slurm profile's `retries: 1`), and
+    the retried job resumes from resume/."""
+    wd, cfg = workdir
+    cfg = copy.deepcopy(cfg)
+    cfg["grid"]["algos"] = {"ppo": {"kl": [0]}}
+    cfg["rl"].update(max_steps=4, save_every=1)
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    cell = f"mixture={MIX}/scale={SCALE}/algo=ppo/kl=0/seed=0"
+    out, log = wd / "results" / "rl" / cell, wd / "results" / "logs" / "rl" / f"{cell}.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with (wd / "snakemake.log").open("w") as sm_log:
+        proc = subprocess.Popen([SNAKEMAKE, "-s", str(wd / "Snakefile"), "-d", str(wd), "--cores", "1", "--retries", "1"],
+                                cwd=wd, env=env, stdout=sm_log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "saved the resume state at step 2" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, (wd / "snakemake.log").read_text()[-3000:]
+        time.sleep(0.01)
+    job = descendants(proc.pid)
+    assert job, "the job has no process"
+    for pid in job:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.wait(600) == 0, (wd / "snakemake.log").read_text()[-3000:]
+    assert "Removing output files of failed job rl" in (wd / "snakemake.log").read_text()
+
+    text = log.read_text()                                  # the retry's log
+    assert f"resuming from {out / 'resume'} at step " in text and "step 1/4" not in text and "step 4/4" in text
+    assert pd.read_parquet(out / "steps.parquet").step.tolist() == [1, 2, 3, 4]
+    # step=1 was written before the kill only, and Snakemake removed checkpoints/: it came back from resume/
+    assert sorted(p.name for p in (out / "checkpoints").glob("step=*")) == ["step=1", "step=3", "step=4"]
+    assert not (out / "resume").exists()
 
 
 def test_a_config_mistake_stops_before_any_job(workdir):

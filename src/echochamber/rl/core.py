@@ -446,6 +446,10 @@ class Accel:
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model) if self.accelerator else model
 
+    def wait(self) -> None:
+        if self.accelerator:
+            self.accelerator.wait_for_everyone()
+
 
 class PolicyGradientTrainer:
     """Rollout -> score -> annotate -> advantages -> clipped minibatch updates; PPO and GRPO fill in the rest."""
@@ -478,6 +482,35 @@ class PolicyGradientTrainer:
                                                   temperature=settings.temperature, top_p=settings.top_p)
         self.generator = torch.Generator(self.accel.device).manual_seed(1_000_003 * settings.seed + self.accel.rank)
         self.shuffle = torch.Generator().manual_seed(settings.seed + 7919 * self.accel.rank)
+
+    # resume -----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Weights, optimizers and schedules (the same on every process); the reference is the base model."""
+        state = {"policy": self.accel.unwrap(self.policy).state_dict(), "opt": self.opt.state_dict(),
+                 "sched": self.sched.state_dict()}
+        if self.critic is not None:
+            state.update(critic=self.accel.unwrap(self.critic).state_dict(), critic_opt=self.critic_opt.state_dict(),
+                         critic_sched=self.critic_sched.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accel.unwrap(self.policy).load_state_dict(state["policy"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        if self.critic is not None:
+            self.accel.unwrap(self.critic).load_state_dict(state["critic"])
+            self.critic_opt.load_state_dict(state["critic_opt"])
+            self.critic_sched.load_state_dict(state["critic_sched"])
+        self.engine.refresh()
+
+    def rng_state(self) -> dict:
+        """This process's generators: sampling and minibatch shuffling."""
+        return {"generator": self.generator.get_state(), "shuffle": self.shuffle.get_state()}
+
+    def set_rng_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.shuffle.set_state(state["shuffle"])
 
     # hooks ------------------------------------------------------------------------------------------
 

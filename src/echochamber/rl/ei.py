@@ -61,6 +61,22 @@ class ExpertIteration:
                                                   temperature=self.e.temperature, top_p=self.e.top_p)
         self.generator = torch.Generator(self.accel.device).manual_seed(1_000_003 * settings.seed + self.accel.rank)
 
+    # resume -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The model after the last round (each round makes its own optimizer and seeds its own order)."""
+        return {"policy": self.accel.unwrap(self.policy).state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accel.unwrap(self.policy).load_state_dict(state["policy"])
+        self.engine.refresh()
+
+    def rng_state(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def set_rng_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
     # sampling ------------------------------------------------------------------------------------
 
     def collect(self, prompts: list[list[int]], golds: list[str], prompt_offset: int = 0):

@@ -44,6 +44,7 @@ DEFAULTS: dict = {
     "processes": 1,
     "gpus": 0,
     "threads": 2,
+    "save_every": 20,              # rollout steps between resume states (EI: every round); a runtime setting
     "ppo": {"epochs": 1, "kl_estimator": "k1", "whiten_advantages": True},
     "grpo": {"epochs": 1, "kl_estimator": "k3", "std_eps": 1.0e-9},
     "ei": {"rounds": 3, "samples_per_prompt": 64, "temperature": 1.0, "top_p": 0.95, "lr": 1.0e-4,
@@ -51,7 +52,8 @@ DEFAULTS: dict = {
 }
 
 # Common keys each algorithm reads (besides its own section); the rest never reach its params.
-# (``threads`` and ``gpus`` are not among them: one changes speed only, the other sets ``processes``.)
+# (``threads``, ``save_every`` and ``gpus`` are not among them: the first two change speed and how much a
+# killed job loses, not its numbers; ``gpus`` sets ``processes``.)
 _SHARED = ["prompts", "max_new_tokens", "truncated", "samples_logged", "precision", "compile",
            "processes", "micro_batch_size", "rollout_batch_size", "betas", "grad_clip",
            "min_lr_ratio"]

@@ -6,7 +6,12 @@ Writes under ``out`` (``results/rl/<RLCell.id>/``):
 - ``samples.parquet``: ``samples_logged`` completions per step;
 - ``checkpoints/step=T/``: HF folders at ``n_checkpoints`` log-spaced steps, each episode's end and the
   last step (every round for EI). Step 0 is the base model and is not saved. ``checkpoints/manifest.json``
-  (echochamber.manifest), written last, lists the planned steps and their files: consumers use it.
+  (echochamber.manifest), written last, lists the planned steps and their files: consumers use it;
+- ``resume/`` while it runs: every ``save_every`` steps (every round for EI) ``state.pt`` holds all a
+  continuation needs (weights, optimizers, schedules, every process's RNG states, the rows so far), and
+  ``checkpoints/`` hard links to the checkpoints written so far (Snakemake removes ``checkpoints/`` before
+  it reruns a job). A rerun with the same settings, base model and prompts resumes there and ends with
+  the same numbers as an uninterrupted run; the folder is removed when the run completes.
 
 Run it under ``accelerate launch`` (``python -m echochamber.rl.train --help``); rank 0 writes.
 """
@@ -14,9 +19,12 @@ Run it under ``accelerate launch`` (``python -m echochamber.rl.train --help``); 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
+import os
+import random
 import shutil
 import sys
 import time
@@ -29,10 +37,12 @@ from echochamber import manifest as ec_manifest
 from echochamber import models as ec_models
 from echochamber.config import ConfigError
 from echochamber.data.tokenizer import encode_prompt
+from echochamber.io import atomic_path
 from echochamber.rl import core
-from echochamber.rl.settings import Settings
+from echochamber.rl.settings import DEFAULTS, Settings
 
 log = logging.getLogger("echochamber.rl")
+RESUME, STATE = "resume", "state.pt"
 
 
 class RLInputError(ValueError):
@@ -95,8 +105,12 @@ def make_accelerator(s: Settings):
     return Accelerator(cpu=not cuda, mixed_precision="bf16" if s.precision == "bf16" else "no")
 
 
-def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=None, engine=None) -> dict:
-    """Train one cell; returns a summary (first and last rows, checkpoint steps, wall time)."""
+def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=None, engine=None,
+        save_every: int | None = None) -> dict:
+    """Train one cell (or continue it from ``out/resume/``); returns a summary (rows, checkpoint steps, wall time).
+
+    ``save_every``: rollout steps between resume states (``rl.save_every``; EI saves after every round).
+    """
     t_start = time.perf_counter()
     s = spec if isinstance(spec, Settings) else Settings.from_spec(spec)
     out = Path(out)
@@ -140,11 +154,25 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
             trainer = GRPOTrainer(s, policy, tok, ref=ref, scorer=scorer, accel=accel, total_updates=updates,
                                   engine=engine)
 
-    if accel.main:     # a rerun starts an empty set: no step of an earlier plan stays behind
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    rows, samples = [], []
+    fp = fingerprint(s, base, prompts, accel.world)
+    start, rows, samples = 0, [], []
+    state = _load_resume(out, fp, accel)
+    accel.wait()                    # every process has read the state before it is removed or replaced
+    if state is None:
+        if accel.main:              # a fresh start: no step of an earlier plan stays behind
+            shutil.rmtree(out / RESUME, ignore_errors=True)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    else:
+        start, rows, samples = state["step"], state["rows"], state["samples"]
+        trainer.load_state_dict(state["trainer"])
+        _set_rng(state["rng"][accel.rank], trainer)
+        if accel.main:
+            _restore_checkpoints(out, start)
+            log.info("resuming from %s at step %d of %d", out / RESUME, start, p["total"])
+    every = 1 if s.algo == "ei" else int(save_every or DEFAULTS["save_every"])
+
     per_rank = (len(questions) if s.algo == "ei" else s.rollout_batch_size) // accel.world
-    for step in range(1, p["total"] + 1):
+    for step in range(start + 1, p["total"] + 1):
         t0 = time.perf_counter()
         if s.algo == "ei":
             idx, episode = np.arange(len(questions)), step - 1
@@ -169,16 +197,104 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
                 accelerator.wait_for_everyone()
             if accel.main:
                 save_checkpoint(accel.unwrap(trainer.policy), tok, out / "checkpoints" / f"step={step}")
+                _link_tree(out / "checkpoints" / f"step={step}", out / RESUME / "checkpoints" / f"step={step}")
+        if step % every == 0 and step < p["total"]:
+            _save_resume(out, step, fp, trainer, rows, samples, accel)
 
     if accel.main:
         core.write_table(samples, core.SAMPLE_COLUMNS, out / "samples.parquet")
         core.write_table(rows, core.STEP_COLUMNS, out / "steps.parquet")
         (out / "steps.partial.parquet").unlink(missing_ok=True)
         ec_manifest.write_set(out / "checkpoints", p["checkpoints"])     # last: the set is complete
+        shutil.rmtree(out / RESUME, ignore_errors=True)
     wall = time.perf_counter() - t_start
     log.info("rl done in %.1fs: reward %.3f -> %.3f", wall, rows[0]["reward"] if rows else float("nan"),
              rows[-1]["reward"] if rows else float("nan"))
     return {"rows": rows, "checkpoints": p["checkpoints"], "wall_s": wall, "trainer": trainer}
+
+
+# ---------------------------------------------------------------------------------------------- resume state
+
+
+def fingerprint(s: Settings, base, prompts, world: int) -> str:
+    """What a resume state must match: the settings that change numbers (all but ``threads``), the process
+    count, and the contents of the base checkpoint and of the prompt file (not their paths)."""
+    key = {k: v for k, v in vars(s).items() if k != "threads"}
+    h = hashlib.sha256(json.dumps({**key, "world": world}, sort_keys=True, default=vars).encode())
+    base = Path(base)
+    for path in [*sorted(f for f in base.rglob("*") if f.is_file()), Path(prompts)]:
+        h.update(str(path.relative_to(base) if path.is_relative_to(base) else path.name).encode())
+        with path.open("rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()[:20]
+
+
+def _load_resume(out: Path, fp: str, accel) -> dict | None:
+    """The resume state of this cell, or None when there is none or it was saved for other inputs."""
+    path = out / RESUME / STATE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged resume state is reported, not traced
+        raise RLInputError(f"the resume state {path} is unreadable ({type(e).__name__}); delete "
+                           f"{out / RESUME} to train this cell from the start") from None
+    if state.get("fingerprint") != fp:
+        if accel.main:
+            log.warning("ignoring the resume state %s: it was saved with other settings, another base model "
+                        "or other prompts; starting from step 0", path)
+        return None
+    return state
+
+
+def _save_resume(out: Path, step: int, fp: str, trainer, rows: list, samples: list, accel) -> None:
+    """One file, replaced atomically by the main process: a kill at any moment leaves the previous state."""
+    rng = accel.gather([_rng_state(trainer)])        # every process's generators, in rank order
+    if accel.main:
+        state = {"fingerprint": fp, "step": step, "trainer": trainer.state_dict(), "rng": rng,
+                 "rows": rows, "samples": samples}
+        with atomic_path(out / RESUME / STATE) as tmp:
+            torch.save(state, tmp)
+        log.info("saved the resume state at step %d", step)
+
+
+def _rng_state(trainer) -> dict:
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = np_state["state"]["key"].tolist()   # plain types: torch.load(weights_only)
+    state = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate(),
+             **trainer.rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng(state: dict, trainer) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state({**np_state, "state": {**np_state["state"],
+                                               "key": np.array(np_state["state"]["key"], dtype=np.uint32)}})
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    trainer.set_rng_state(state)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of folder ``src`` made of hard links (plain copies where links fail)."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    with atomic_path(dst) as tmp:
+        shutil.copytree(src, tmp, copy_function=link)
+
+
+def _restore_checkpoints(out: Path, step: int) -> None:
+    """Put back the checkpoints up to ``step`` that the resume state kept (Snakemake removed them)."""
+    for kept in sorted((out / RESUME / "checkpoints").glob("step=*")):
+        if int(kept.name.split("=")[1]) <= step:
+            _link_tree(kept, out / "checkpoints" / kept.name)
 
 
 def _pick_samples(records: list[dict], step: int, n: int, seed: int) -> list[dict]:
@@ -218,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder of the cell")
     ap.add_argument("--log", default=None, help="job log file")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for this job (all processes)")
+    ap.add_argument("--save-every", type=int, default=None,
+                    help=f"rollout steps between resume states (default {DEFAULTS['save_every']}; EI: every round)")
     a = ap.parse_args(argv)
     import transformers
 
@@ -231,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = a.threads or spec.get("threads") or torch.get_num_threads()
     torch.set_num_threads(max(1, threads // accelerator.num_processes))
     try:
-        run(spec, base=a.base, prompts=a.prompts, out=a.out, accelerator=accelerator)
+        run(spec, base=a.base, prompts=a.prompts, out=a.out, accelerator=accelerator, save_every=a.save_every)
     except _user_errors() as e:
         log.error("%s", e)
         return 1
