@@ -21,9 +21,11 @@ rule rl:
         precision=lambda w: rl_spec(w)["precision"],
         port=lambda w: ec_launch.port_for(RL_CELL.format(**w)),
         out=lambda w, output: Path(output.steps).parent,
-    threads: rl_settings.merged(config)["threads"]
+    threads: rl_settings.merged(config).threads
     resources:
-        gpu=rl_settings.merged(config)["gpus"],
+        gpu=rl_settings.merged(config).gpus,
+        # runtime settings travel as resources, which never trigger a rerun (params do)
+        samples_logged=rl_settings.merged(config).samples_logged,
     log:
         f"{R}/logs/rl/{RL_CELL}.log",
     benchmark:
@@ -32,4 +34,4 @@ rule rl:
         # echochamber.launch picks the GPUs of the job's node, else --cpu; rank 0 writes, all ranks log here.
         "python -m echochamber.launch --processes {params.processes} --port {params.port} --precision {params.precision}"
         " {input.script} --spec {params.spec:q} --base {input.base} --prompts {input.prompts}"
-        " --out {params.out} --threads {threads} > {log} 2>&1"
+        " --out {params.out} --threads {threads} --samples-logged {resources.samples_logged} > {log} 2>&1"

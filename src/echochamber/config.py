@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import types
 from pathlib import Path
@@ -68,10 +69,10 @@ def _unwrap(t):
             return t
 
 
-def _walk(loc) -> tuple[str, Any]:
+def _walk(loc, root: type[BaseModel], prefix: str) -> tuple[str, Any]:
     """A pydantic error location as the user wrote it (``data.sources.tg.render``, without union tags and
     ``[key]`` markers), and the type found there."""
-    parts, t = [], settings.Config
+    parts, t = [prefix] if prefix else [], root
     for part in loc:
         t = _unwrap(t)
         if get_origin(t) in (Union, types.UnionType):      # a discriminated union: ``part`` is the tag
@@ -102,17 +103,19 @@ def _quoted(text: str) -> str:
     return ", ".join(re.findall(r"'([^']*)'", text))
 
 
-def _explain(errors: list[dict]) -> str:
-    """The first pydantic error as one sentence naming the field (as the user wrote it) and what is allowed."""
+def explain(errors: list[dict], root: type[BaseModel] = settings.Config, prefix: str = "") -> str:
+    """The first pydantic error of validating ``root`` as one sentence naming the field (as the user wrote it,
+    under ``prefix``) and what is allowed."""
     e = errors[0]
+    walk = functools.partial(_walk, root=root, prefix=prefix)
     kind, loc, value, ctx = e["type"], e["loc"], e["input"], e.get("ctx") or {}
     if kind == "extra_forbidden":
-        where, model = _walk(loc[:-1])
+        where, model = walk(loc[:-1])
         extra = [x["loc"][-1] for x in errors if x["type"] == kind and x["loc"][:-1] == loc[:-1]]
         return f"{where}: unknown key {', '.join(map(repr, extra))}; allowed keys: {', '.join(sorted(model.model_fields))}"
     if kind == "missing":
-        return f"{_walk(loc[:-1])[0]}: {loc[-1]!r} is a required property"
-    where = _walk(loc)[0]
+        return f"{walk(loc[:-1])[0]}: {loc[-1]!r} is a required property"
+    where = walk(loc)[0]
     if kind == "literal_error":
         return f"{where}: {value!r} is not allowed; allowed values: {_quoted(ctx['expected'])}"
     if kind == "union_tag_invalid":
@@ -126,8 +129,10 @@ def _explain(errors: list[dict]) -> str:
     if kind in _TYPES:
         return f"{where}: {value!r} must be of type {_TYPES[kind]}"
     if kind in ("too_short", "too_long"):
-        bound = ("at least " + str(ctx["min_length"])) if kind == "too_short" else ("at most " + str(ctx["max_length"]))
-        return f"{where}: {value!r} has {ctx['actual_length']} items; it must have {bound}"
+        bound = f"at least {ctx['min_length']}" if kind == "too_short" else f"at most {ctx['max_length']}"
+        return f"{where}: {value!r} has {ctx['actual_length']} item(s); it must have {bound}"
+    if kind == "string_too_short":
+        return f"{where}: {value!r} must have at least {ctx['min_length']} character(s)"
     if kind == "string_pattern_mismatch":
         return f"{where}: {value!r} must match {ctx['pattern']}"
     if kind == "value_error":
@@ -148,7 +153,7 @@ def validate(config: object, origin: str = "config") -> None:
     try:
         settings.Config.model_validate(config)
     except pydantic.ValidationError as e:
-        raise ConfigError(f"{origin}: {_explain(e.errors())}") from None
+        raise ConfigError(f"{origin}: {explain(e.errors())}") from None
     _check_references(config, origin)
     _check_stages(config, origin)
 

@@ -132,7 +132,7 @@ class Data(Section):
 
 class BpeTokenizer(Section):
     kind: Literal["bpe"] = setting(help="a byte-level BPE trained on the mixtures' text")
-    vocab_size: Annotated[int, Field(ge=300)] = setting(1024, "vocabulary size of the trained BPE")
+    vocab_size: Annotated[int, Field(ge=300)] = setting(help="vocabulary size of the trained BPE")
 
 
 class PretrainedTokenizer(Section):

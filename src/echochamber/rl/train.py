@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder of the cell")
     ap.add_argument("--log", default=None, help="job log file")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for this job (all processes)")
+    ap.add_argument("--samples-logged", type=int, default=None, help="completions per step kept in samples.parquet "
+                    "(rl.samples_logged: runtime, not in --spec)")
     a = ap.parse_args(argv)
     import transformers
 
@@ -216,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()
     spec = json.loads(Path(a.spec[1:]).read_text() if a.spec.startswith("@") else a.spec)
+    if a.samples_logged is not None:
+        spec["samples_logged"] = a.samples_logged
     accelerator = make_accelerator(Settings.from_spec(spec))
     setup_logging(a.log if accelerator.is_main_process else None,
                   level=logging.INFO if accelerator.is_main_process else logging.WARNING)
