@@ -103,7 +103,7 @@ def check_config(config: dict, origin: str = "config") -> None:
             raise ConfigError(f"{origin}: pretrain.batch_size {p['batch_size']} is not a multiple of "
                               f"micro_batch_size x processes = {p['micro_batch_size']} x {n} at scale {name}")
         context = config["scales"][name].get("context")
-        if context and context < p.seq_len:
+        if context and context < p["seq_len"]:
             raise ConfigError(f"{origin}: scales.{name}.context {context} is shorter than "
                               f"pretrain.seq_len {p['seq_len']}")
 
@@ -412,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for all processes together")
     ap.add_argument("--save-every", type=int, default=None, help=f"steps between resume states ({SAVE_EVERY})")
-    ap.add_argument("--micro-batch-size", type=int, default=ec_settings.Pretrain().micro_batch_size,
-                    help="sequences per process per micro-step (pretrain.micro_batch_size: runtime, not in --settings)")
+    ap.add_argument("--micro-batch-size", type=int, default=None, help="sequences per process per micro-step "
+                    "(pretrain.micro_batch_size: runtime, so the rule passes it here, not in --settings)")
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr, force=True,
@@ -421,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
         s = json.loads(args.settings)
-        s["micro_batch_size"] = args.micro_batch_size
+        if args.micro_batch_size:
+            s["micro_batch_size"] = args.micro_batch_size
+        s.setdefault("micro_batch_size", ec_settings.Pretrain().micro_batch_size)
         run(s, args.mixture, args.tokenizer, args.out, device=args.device, threads=args.threads,
             save_every=args.save_every)
     except PretrainError as e:
