@@ -14,15 +14,12 @@ from pydantic import BaseModel
 
 from echochamber import settings
 
+# Generated from echochamber.settings (schema_yaml); for editors and Snakemake, not read by validate().
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
     """A user mistake in the config; the message is one sentence naming the field."""
-
-
-def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_FILE.read_text())
 
 
 def load(path: str | Path) -> dict:
@@ -76,7 +73,7 @@ def _walk(loc, root: type[BaseModel], prefix: str) -> tuple[str, Any]:
     for part in loc:
         t = _unwrap(t)
         if get_origin(t) in (Union, types.UnionType):      # a discriminated union: ``part`` is the tag
-            t = next((m for m in get_args(_unwrap(t)) if m.model_fields["kind"].annotation == Literal[part]), None)
+            t = next((m for m in get_args(t) if m.model_fields["kind"].annotation == Literal[part]), None)
             continue
         if part == "[key]":
             continue
@@ -91,7 +88,7 @@ def _walk(loc, root: type[BaseModel], prefix: str) -> tuple[str, Any]:
 _OPS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
         "less_than": ("<", "lt")}
 _TYPES = {"int_type": "integer", "float_type": "number", "bool_type": "boolean", "string_type": "string",
-          "list_type": "array", "dict_type": "object", "model_type": "object", "literal_error": None}
+          "list_type": "array", "dict_type": "object", "model_type": "object"}
 
 
 def _number(x):

@@ -35,15 +35,15 @@ ScaleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9.]+$")]
 BenchmarkName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$")]
 
 ALGOS = ("ppo", "grpo", "ei")
-POLICY_GRADIENT = ("ppo", "grpo")
+ALL, PG = ALGOS, ("ppo", "grpo")       # RL settings read by every algorithm / by the policy-gradient ones
 
 
 def setting(default: Any = ..., help: str = "", *, runtime: bool = False, used_by: tuple[str, ...] | None = None,
-            factory=None, **constraints):
+            factory=None):
     """One setting: its default, one line of help, runtime or identity, and (RL) the algorithms that read it."""
     extra = {**({"runtime": True} if runtime else {}), **({"used_by": list(used_by)} if used_by else {})}
     kw = {"default_factory": factory} if factory is not None else {"default": default}
-    return Field(**kw, description=help, json_schema_extra=extra or None, **constraints)
+    return Field(**kw, description=help, json_schema_extra=extra or None)
 
 
 class Section(BaseModel):
@@ -70,10 +70,6 @@ def runtime_keys(model: type[BaseModel]) -> list[str]:
 def identity(section: BaseModel) -> dict:
     """The section's identity settings as plain values (the part that belongs in a rule's params)."""
     return section.model_dump(exclude=set(runtime_keys(type(section))))
-
-
-def runtime(section: BaseModel) -> dict:
-    return section.model_dump(include=set(runtime_keys(type(section))))
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -227,9 +223,6 @@ class EI(Section):
     from_base: bool = setting(True, "each round fine-tunes the base model (paper); false: online")
     warmup_ratio: Fraction = setting(0.03, "warm-up as a fraction of a round's steps")
     max_prompts: Positive | None = setting(None, "prompts sampled each round (null: all of rl.prompts)")
-
-
-ALL, PG = ALGOS, POLICY_GRADIENT
 
 
 class RL(Section):
