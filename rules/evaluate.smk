@@ -19,6 +19,8 @@ rule eval_rl:
         which=lambda w: ec_eval.benchmarks(config)[w.benchmark]["checkpoints"],  # all | last
         settings=lambda w: ec_eval.settings_from_config(config, int(w.seed)),
     threads: 1
+    resources:
+        keep_samples=ec_eval.keep_samples(config),  # runtime: a resource, which never triggers a rerun
     log:
         f"{R}/logs/eval/{RL_CELL}/benchmark={{benchmark}}.log",
     benchmark:
@@ -43,6 +45,8 @@ rule eval_base:
         which="base",
         settings=lambda w: ec_eval.settings_from_config(config, int(w.seed)),
     threads: 1
+    resources:
+        keep_samples=ec_eval.keep_samples(config),  # runtime: a resource, which never triggers a rerun
     log:
         f"{R}/logs/eval/{EVAL_BASE_CELL}/benchmark={{benchmark}}.log",
     benchmark:

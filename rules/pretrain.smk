@@ -68,11 +68,13 @@ rule pretrain:
         gpu=lambda w: ec_pretrain.gpus(config, w.scale),
         # runtime settings travel as resources, which never trigger a rerun (params do)
         save_every=lambda w: ec_pretrain.save_every(config, w.scale),
+        micro_batch_size=lambda w: ec_pretrain.micro_batch_size(config, w.scale),
     log:
         f"{R}/logs/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}.log",
     benchmark:
         f"{R}/benchmarks/pretrain/mixture={{mixture}}/scale={{scale}}/seed={{seed}}.tsv"
     shell:
         "python -m accelerate.commands.launch {params.launch} {input.script}"
-        " --settings {params.settings} --save-every {resources.save_every} --mixture $(dirname {input.mixture})"
+        " --settings {params.settings} --save-every {resources.save_every}"
+        " --micro-batch-size {resources.micro_batch_size} --mixture $(dirname {input.mixture})"
         " --tokenizer $(dirname {input.tokenizer}) --out {params.cell} --threads {threads} > {log} 2>&1"

@@ -24,11 +24,12 @@ rule rl:
         port=lambda w: ec_launch.port_for(RL_CELL.format(**w)),
         out=lambda w, output: Path(output.steps).parent,
         base=lambda w, input: Path(input.base).parent,
-    threads: rl_settings.merged(config)["threads"]
+    threads: rl_settings.merged(config).threads
     resources:
-        gpu=rl_settings.merged(config)["gpus"],
-        # a runtime setting travels as a resource, which never triggers a rerun (params do)
-        save_every=rl_settings.merged(config)["save_every"],
+        gpu=rl_settings.merged(config).gpus,
+        # runtime settings travel as resources, which never trigger a rerun (params do)
+        save_every=rl_settings.merged(config).save_every,
+        samples_logged=rl_settings.merged(config).samples_logged,
     log:
         f"{R}/logs/rl/{RL_CELL}.log",
     benchmark:
@@ -37,4 +38,5 @@ rule rl:
         # echochamber.launch picks the GPUs of the job's node, else --cpu; rank 0 writes, all ranks log here.
         "python -m echochamber.launch --processes {params.processes} --port {params.port} --precision {params.precision}"
         " {input.script} --spec {params.spec:q} --base {params.base} --prompts {input.prompts}"
-        " --out {params.out} --threads {threads} --save-every {resources.save_every} > {log} 2>&1"
+        " --out {params.out} --threads {threads} --save-every {resources.save_every}"
+        " --samples-logged {resources.samples_logged} > {log} 2>&1"

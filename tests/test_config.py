@@ -168,3 +168,55 @@ def test_a_yaml_syntax_error_is_one_sentence_with_line_and_column(tmp_path):
     out = _validate_cli(bad)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert f"{bad}: YAML syntax error at line " in out.stderr and ", column " in out.stderr
+
+
+# --- the schema is generated from echochamber.settings -------------------------------------------------
+
+def test_committed_schema_is_the_generated_one():
+    assert ec_config.SCHEMA_FILE.read_text() == ec_config.schema_yaml(), \
+        "schemas/config.schema.yaml is stale: run `echochamber schema --write`"
+
+
+def test_snakemake_validates_against_the_generated_schema_and_fills_in_the_defaults():
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate as sm_validate
+
+    from echochamber import settings
+    from echochamber.rl import settings as rl_settings
+
+    for path in [ROOT / "config.yaml", ROOT / "configs" / "paper.yaml"]:
+        cfg = yaml.safe_load(path.read_text())
+        sm_validate(cfg, str(ec_config.SCHEMA_FILE), set_default=True)
+        ec_config.validate(cfg, origin=str(path))        # the filled-in config is still valid
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    del cfg["rl"]["critic_lr"], cfg["eval"]["batch_size"]
+    sm_validate(cfg, str(ec_config.SCHEMA_FILE), set_default=True)
+    assert cfg["rl"]["critic_lr"] == rl_settings.DEFAULTS["critic_lr"] == settings.RL().critic_lr
+    assert cfg["eval"]["batch_size"] == settings.Eval().batch_size
+    with pytest.raises(WorkflowError):
+        sm_validate(mutate(lambda c: c["pretrain"].update(precision="fp8")), str(ec_config.SCHEMA_FILE))
+
+
+def test_every_setting_has_help_and_the_runtime_ones_are_marked_in_the_schema():
+    from echochamber import settings
+
+    def models(m, seen):
+        if m in seen:
+            return seen
+        seen.add(m)
+        for f in m.model_fields.values():
+            for t in _types(f.annotation):
+                if isinstance(t, type) and issubclass(t, settings.Section):
+                    models(t, seen)
+        return seen
+
+    def _types(t):
+        from typing import get_args
+        return [t, *[x for a in get_args(t) for x in _types(a)]]
+
+    for model in models(settings.Config, set()):
+        for name, f in model.model_fields.items():
+            assert f.description, f"{model.__name__}.{name} has no help line"
+    schema = settings.json_schema()["$defs"]
+    assert schema["RL"]["properties"]["threads"]["runtime"] is True
+    assert "runtime" not in schema["RL"]["properties"]["micro_batch_size"]

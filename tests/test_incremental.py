@@ -240,11 +240,33 @@ def test_a_shell_command_edit_reruns_its_rule(ws):
     assert counts(jobs) == DOWNSTREAM_OF_PRETRAIN
 
 
-def test_runtime_settings_rerun_nothing(ws):
-    """How a job runs (threads, save cadence) is not what it computes: editing them reruns no job."""
-    def runtime(cfg):
-        cfg["pretrain"].update(save_every=7, threads=2)
-        cfg["rl"].update(threads=2, save_every=3)
+# A new value for every runtime setting (echochamber.settings marks them); the test fails when a setting is
+# marked runtime without a value here.
+RUNTIME_EDITS = {
+    "pretrain": {"micro_batch_size": 4, "save_every": 7, "processes": 2, "gpus": 1, "threads": 2,
+                 "per_scale": {"xs": {"micro_batch_size": 2}}},
+    # rl.gpus 1 = the configured 1 process (processes is identity)
+    "rl": {"samples_logged": 5, "save_every": 3, "gpus": 1, "threads": 2},
+    "eval": {"keep_samples": 1},
+}
 
-    out = run(ws, "-n", config=variant(ws, "runtime", runtime))
+
+@pytest.mark.parametrize("section", sorted(RUNTIME_EDITS))
+def test_runtime_settings_rerun_nothing(ws, section):
+    """How a job runs (threads, processes, devices, micro-batches of the same batch, save and log cadence) is
+    not what it computes: editing every runtime setting of a section reruns no job."""
+    from echochamber import settings
+
+    model = {"pretrain": settings.Pretrain, "rl": settings.RL, "eval": settings.Eval}[section]
+    assert set(RUNTIME_EDITS[section]) == set(settings.runtime_keys(model))
+    for key, value in RUNTIME_EDITS[section].items():
+        assert ws["cfg"][section].get(key) != value, key
+    edited = variant(ws, f"runtime_{section}", lambda cfg: cfg[section].update(RUNTIME_EDITS[section]))
+    out = run(ws, "-n", config=edited)
     assert "Nothing to be done" in out, out[-3000:]
+
+
+def test_an_identity_setting_reruns(ws):
+    """The counterpart: RL's micro-batch size changes the numbers (loss_agg microbatch_token_mean), so it reruns."""
+    jobs = dry_run(ws, variant(ws, "rl_micro", lambda cfg: cfg["rl"].update(micro_batch_size=2)))
+    assert counts(jobs).get("rl") == 2, jobs

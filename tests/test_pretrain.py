@@ -116,9 +116,10 @@ def test_per_scale_settings_change_only_their_scale():
            "scales": {"s": TINY, "b": big}, "grid": {"scales": ["s", "b"]}}
     assert (P.gpus(cfg, "s"), P.processes(cfg, "s")) == (4, 4)
     assert (P.gpus(cfg, "b"), P.processes(cfg, "b")) == (8, 8)
+    assert (P.micro_batch_size(cfg, "s"), P.micro_batch_size(cfg, "b")) == (16, 8)
     small, large = P.settings(cfg, "s", 0), P.settings(cfg, "b", 0)
-    assert small["micro_batch_size"] == 16 and large["micro_batch_size"] == 8
-    assert not {"gpus", "per_scale", "processes"} & set(large)  # job keys rerun nothing
+    assert {k for k in small if small[k] != large[k]} == {"scale", "scale_name"}
+    assert not {"gpus", "per_scale", "processes", "micro_batch_size"} & set(large)  # job keys rerun nothing
     P.check_config(cfg)
     cfg["pretrain"]["per_scale"]["b"]["micro_batch_size"] = 48
     with pytest.raises(ConfigError, match=r"48 x 8 at scale b"):

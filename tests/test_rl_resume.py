@@ -167,10 +167,14 @@ def test_the_fingerprint_follows_settings_and_input_contents_not_threads(world, 
     from echochamber.rl.settings import Settings
 
     s = Settings.from_spec(spec("ppo"))
-    fp = train.fingerprint(s, world["base"], world["prompts"], 1)
-    assert train.fingerprint(Settings.from_spec({**spec("ppo"), "threads": 7}), world["base"], world["prompts"], 1) == fp
-    assert train.fingerprint(Settings.from_spec(spec("ppo", ppo={"epochs": 2})), world["base"], world["prompts"], 1) != fp
-    assert train.fingerprint(s, world["base"], world["prompts"], 2) != fp
+
+    def fp_of(settings, world_size=1):
+        return train.fingerprint(settings, world["base"], world["prompts"], world_size)
+
+    fp = fp_of(s)
+    assert fp_of(Settings.from_spec({**spec("ppo"), "threads": 7})) == fp
+    assert fp_of(Settings.from_spec(spec("ppo", ppo={"epochs": 2}))) != fp
+    assert fp_of(s, world_size=2) != fp
     other = tmp_path / "prompts.parquet"
     other.write_bytes(world["prompts"].read_bytes() + b"\0")
     assert train.fingerprint(s, world["base"], other, 1) != fp

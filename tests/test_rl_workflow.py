@@ -150,8 +150,8 @@ def test_a_killed_rl_job_is_retried_and_resumes(workdir):
     out, log = wd / "results" / "rl" / cell, wd / "results" / "logs" / "rl" / f"{cell}.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     with (wd / "snakemake.log").open("w") as sm_log:
-        proc = subprocess.Popen([SNAKEMAKE, "-s", str(wd / "Snakefile"), "-d", str(wd), "--cores", "1", "--retries", "1"],
-                                cwd=wd, env=env, stdout=sm_log, stderr=subprocess.STDOUT)
+        cmd = [SNAKEMAKE, "-s", str(wd / "Snakefile"), "-d", str(wd), "--cores", "1", "--retries", "1"]
+        proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=sm_log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while not (log.exists() and "saved the resume state at step 2" in log.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, (wd / "snakemake.log").read_text()[-3000:]

@@ -14,7 +14,8 @@ try:
                    else evaluate.find_checkpoints(p.checkpoints, which=p.which))
     log.info("evaluating %d checkpoint(s) (steps %s) on %s", len(checkpoints), list(checkpoints),
              snakemake.input.benchmark)
-    evaluate.evaluate_checkpoints(checkpoints, snakemake.input.benchmark, p.settings,
+    settings = {**p.settings, "keep_samples": snakemake.resources.keep_samples}   # runtime: not in params
+    evaluate.evaluate_checkpoints(checkpoints, snakemake.input.benchmark, settings,
                                   snakemake.output.metrics, snakemake.output.generations, log=log)
 except evaluate.EvalError as e:
     log.error("%s", e)

@@ -31,6 +31,18 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_schema(args) -> int:
+    from echochamber import config
+
+    text = config.schema_yaml()
+    if args.write:
+        config.SCHEMA_FILE.write_text(text)
+        print(f"wrote {config.SCHEMA_FILE}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_sample(args) -> int:
     from echochamber.data import synthetic
 
@@ -91,6 +103,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("validate", help="check a workflow config and count its cells")
     s.add_argument("config", nargs="?", default="config.yaml")
     s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("schema", help="print the config's JSON schema, generated from echochamber.settings")
+    s.add_argument("--write", action="store_true", help="write it to schemas/config.schema.yaml instead")
+    s.set_defaults(func=cmd_schema)
 
     s = sub.add_parser("sample", help="print synthetic problems rendered in one format")
     s.add_argument("--render", default="tinygsm", help="tinygsm, omi1, omi2, gsm8k, prose_corpus, code_corpus")

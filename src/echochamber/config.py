@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import re
+import types
 from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import jsonschema
+import pydantic
 import yaml
+from pydantic import BaseModel
 
+from echochamber import settings
+
+# Generated from echochamber.settings (schema_yaml); for editors and Snakemake, not read by validate().
 SCHEMA_FILE = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):
     """A user mistake in the config; the message is one sentence naming the field."""
-
-
-def load_schema() -> dict:
-    return yaml.safe_load(SCHEMA_FILE.read_text())
 
 
 def load(path: str | Path) -> dict:
@@ -49,59 +52,114 @@ def _numbers_from_strings(node):
     return node
 
 
-def _field(path) -> str:
-    return ".".join(str(p) for p in path) or "(top level)"
+def _unwrap(t):
+    """The type inside ``Annotated[...]`` and ``X | None``."""
+    while True:
+        if get_origin(t) is Annotated:
+            t = get_args(t)[0]
+        elif get_origin(t) in (Union, types.UnionType) and type(None) in get_args(t):
+            rest = [a for a in get_args(t) if a is not type(None)]
+            if len(rest) != 1:
+                return t
+            t = rest[0]
+        else:
+            return t
 
 
-def _allowed(schema: dict) -> list[str]:
-    return sorted(schema.get("properties", {}))
+def _walk(loc, root: type[BaseModel], prefix: str) -> tuple[str, Any]:
+    """A pydantic error location as the user wrote it (``data.sources.tg.render``, without union tags and
+    ``[key]`` markers), and the type found there."""
+    parts, t = [prefix] if prefix else [], root
+    for part in loc:
+        t = _unwrap(t)
+        if get_origin(t) in (Union, types.UnionType):      # a discriminated union: ``part`` is the tag
+            t = next((m for m in get_args(t) if m.model_fields["kind"].annotation == Literal[part]), None)
+            continue
+        if part == "[key]":
+            continue
+        parts.append(str(part))
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            t = t.model_fields[part].annotation if part in t.model_fields else None
+        elif get_origin(t) in (dict, list):
+            t = get_args(t)[-1]
+    return ".".join(parts) or "(top level)", _unwrap(t)
 
 
-def _explain(error: jsonschema.ValidationError) -> str:
-    """Turn a jsonschema error into one sentence naming the field and what is allowed."""
-    where = _field(error.absolute_path)
-    v, s = error.validator, error.schema
-    if v == "additionalProperties" and s.get("additionalProperties") is False:
-        extra = sorted(set(error.instance) - set(s.get("properties", {})))
-        return f"{where}: unknown key {', '.join(map(repr, extra))}; allowed keys: {', '.join(_allowed(s))}"
-    if v in ("enum", "const"):
-        allowed = s.get("enum", [s.get("const")])
-        return f"{where}: {error.instance!r} is not allowed; allowed values: {', '.join(map(str, allowed))}"
-    if v == "required":
-        return f"{where}: {error.message}"
-    if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
-        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[v]
-        return f"{where}: {error.instance!r} must be {op} {error.validator_value}"
-    if v == "type":
-        return f"{where}: {error.instance!r} must be of type {error.validator_value}"
-    if v == "pattern":
-        return f"{where}: {error.instance!r} must match {error.validator_value}"
-    return f"{where}: {error.message}"
+_OPS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+        "less_than": ("<", "lt")}
+_TYPES = {"int_type": "integer", "float_type": "number", "bool_type": "boolean", "string_type": "string",
+          "list_type": "array", "dict_type": "object", "model_type": "object"}
 
 
-def _deepest(error: jsonschema.ValidationError) -> jsonschema.ValidationError:
-    # if/then branches report the most specific cause; prefer it.
-    while error.context:
-        error = jsonschema.exceptions.best_match(error.context)
-    return error
+def _number(x):
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+def _quoted(text: str) -> str:
+    """``"'a', 'b' or 'c'"`` (pydantic's list of expected values) -> ``a, b, c``."""
+    return ", ".join(re.findall(r"'([^']*)'", text))
+
+
+def explain(errors: list[dict], root: type[BaseModel] = settings.Config, prefix: str = "") -> str:
+    """The first pydantic error of validating ``root`` as one sentence naming the field (as the user wrote it,
+    under ``prefix``) and what is allowed."""
+    e = errors[0]
+    walk = functools.partial(_walk, root=root, prefix=prefix)
+    kind, loc, value, ctx = e["type"], e["loc"], e["input"], e.get("ctx") or {}
+    if kind == "extra_forbidden":
+        where, model = walk(loc[:-1])
+        extra = [x["loc"][-1] for x in errors if x["type"] == kind and x["loc"][:-1] == loc[:-1]]
+        allowed = ", ".join(sorted(model.model_fields))
+        return f"{where}: unknown key {', '.join(map(repr, extra))}; allowed keys: {allowed}"
+    if kind == "missing":
+        return f"{walk(loc[:-1])[0]}: {loc[-1]!r} is a required property"
+    where = walk(loc)[0]
+    if kind == "literal_error":
+        return f"{where}: {value!r} is not allowed; allowed values: {_quoted(ctx['expected'])}"
+    if kind == "union_tag_invalid":
+        key = ctx["discriminator"].strip("'")
+        return f"{where}.{key}: {value.get(key)!r} is not allowed; allowed values: {_quoted(ctx['expected_tags'])}"
+    if kind == "union_tag_not_found":
+        return f"{where}: {ctx['discriminator']} is a required property"
+    if kind in _OPS:
+        op, bound = _OPS[kind]
+        return f"{where}: {value!r} must be {op} {_number(ctx[bound])}"
+    if kind in _TYPES:
+        return f"{where}: {value!r} must be of type {_TYPES[kind]}"
+    if kind in ("too_short", "too_long"):
+        bound = f"at least {ctx['min_length']}" if kind == "too_short" else f"at most {ctx['max_length']}"
+        return f"{where}: {value!r} has {ctx['actual_length']} item(s); it must have {bound}"
+    if kind == "string_too_short":
+        return f"{where}: {value!r} must have at least {ctx['min_length']} character(s)"
+    if kind == "string_pattern_mismatch":
+        return f"{where}: {value!r} must match {ctx['pattern']}"
+    if kind == "value_error":
+        return f"{where}: {ctx['error']}"
+    return f"{where}: {e['msg']}"
 
 
 def validate(config: object, origin: str = "config") -> None:
     """Raise ConfigError with one clear sentence for the first problem found.
 
-    The one validation path of both ``echochamber validate`` and the workflow: the schema, the names the
-    config refers to, the grid, and every stage's cross-field checks. Numbers written ``1e-4`` (strings
-    to YAML 1.1) become numbers first, in place.
+    The one validation path of both ``echochamber validate`` and the workflow: the settings models
+    (echochamber.settings), the names the config refers to, the grid, and every stage's cross-field
+    checks. Numbers written ``1e-4`` (strings to YAML 1.1) become numbers first, in place.
     """
     if not isinstance(config, dict):
         raise ConfigError(f"{origin}: the config must be a mapping of keys to settings")
     _numbers_from_strings(config)
-    validator = jsonschema.Draft202012Validator(load_schema())
-    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
-    if error is not None:
-        raise ConfigError(f"{origin}: {_explain(_deepest(error))}")
+    try:
+        settings.Config.model_validate(config)
+    except pydantic.ValidationError as e:
+        raise ConfigError(f"{origin}: {explain(e.errors())}") from None
     _check_references(config, origin)
     _check_stages(config, origin)
+
+
+def schema_yaml() -> str:
+    """schemas/config.schema.yaml as generated from echochamber.settings."""
+    head = "# Generated from src/echochamber/settings.py by `echochamber schema --write`; do not edit by hand.\n"
+    return head + yaml.safe_dump(settings.json_schema(), sort_keys=False, width=120, allow_unicode=True)
 
 
 def _check_stages(config: dict, origin: str) -> None:

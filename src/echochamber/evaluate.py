@@ -26,10 +26,12 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ConfigDict
+
 from echochamber import manifest
+from echochamber import settings as ec_settings
 from echochamber.data.tokenizer import encode_prompt
 from echochamber.formats import FORMATS, classify
 from echochamber.io import atomic_path
@@ -47,19 +49,13 @@ class EvalError(ValueError):
     """A user-facing evaluation problem (bad checkpoint, benchmark or setting): one sentence naming it."""
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    n_samples: int = 4
-    k: int = 4
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    batch_size: int = 64
-    max_problems: int | None = None
-    keep_samples: int | None = None   # sampled generations kept per problem (None: all; greedy always kept)
+class EvalSettings(ec_settings.EvalJob):
+    """One evaluation job's settings (defined in echochamber.settings.EvalJob) and its seed."""
+    model_config = ConfigDict(frozen=True)
     seed: int = 0
 
-    def __post_init__(self):
+    def __init__(self, **kw):
+        super().__init__(**kw)
         if not 1 <= self.k <= self.n_samples:
             raise EvalError(f"eval.k ({self.k}) must be between 1 and eval.n_samples ({self.n_samples})")
 
@@ -70,29 +66,34 @@ class EvalSettings:
 CHECKPOINT_CHOICES = ("all", "last")
 
 
+def section(config: dict) -> ec_settings.Eval:
+    return ec_settings.Eval.model_validate(config.get("eval", {}))
+
+
 def benchmarks(config: dict) -> dict[str, dict]:
     """Benchmark name -> {source, split, checkpoints} (split defaults to test; checkpoints to ``all``:
     every RL checkpoint, or ``last``: only each RL cell's final one; the base model is always step 0)."""
-    return {name: {"source": b["source"], "split": b.get("split", "test"),
-                   "checkpoints": b.get("checkpoints", "all")}
-            for name, b in config.get("eval", {}).get("benchmarks", {}).items()}
+    return {name: b.model_dump() for name, b in section(config).benchmarks.items()}
 
 
 def settings_from_config(config: dict, seed: int = 0) -> dict:
-    """Only the eval values a job uses, as a plain dict (rule params); ``seed`` is the cell's seed."""
-    ev = config.get("eval", {})
-    defaults = EvalSettings()
-    keys = ("n_samples", "k", "temperature", "top_p", "max_new_tokens", "batch_size", "max_problems",
-            "keep_samples")
-    out = {k: ev.get(k, getattr(defaults, k)) for k in keys}
+    """Only the identity eval values a job uses, as a plain dict (rule params); ``seed`` is the cell's seed.
+    The runtime ``keep_samples`` travels apart (:func:`keep_samples`)."""
+    out = {k: v for k, v in ec_settings.identity(section(config)).items() if k in ec_settings.EvalJob.model_fields}
     out["seed"] = int(config.get("seed", 0)) * 1000 + int(seed)
     return out
 
 
+def keep_samples(config: dict) -> int:
+    """Sampled generations kept per problem (``eval.keep_samples``, null: all): runtime, a rule resource."""
+    ev = section(config)
+    return ev.n_samples if ev.keep_samples is None else min(ev.n_samples, ev.keep_samples)
+
+
 def check_config(config: dict) -> None:
-    """Cross-field checks the schema cannot express (raises EvalError with one sentence)."""
-    ev = config.get("eval", {})
-    n, k = ev.get("n_samples", EvalSettings.n_samples), ev.get("k", EvalSettings.k)
+    """Cross-field checks the models cannot express (raises EvalError with one sentence)."""
+    ev = section(config)
+    n, k = ev.n_samples, ev.k
     if k > n:
         raise EvalError(f"eval.k ({k}) must not exceed eval.n_samples ({n})")
 

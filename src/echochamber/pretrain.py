@@ -36,17 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
+from echochamber import settings as ec_settings
 from echochamber.io import atomic_path
 from echochamber.schedule import lr_factor
 
-DEFAULTS = {
-    "seq_len": 256, "batch_size": 32, "micro_batch_size": 32, "epochs": 1.0, "max_steps": None,
-    "lr": 3.0e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1.0e-8, "warmup_steps": 30,
-    "min_lr_ratio": 0.1, "grad_clip": 1.0, "precision": "fp32", "compile": False,
-}
-SAVE_EVERY = 200
-# How a job runs, not what it computes: rule resources (which never rerun a job), not training settings.
-JOB_KEYS = ("processes", "gpus", "threads", "per_scale", "save_every")
+# The section's identity defaults and its runtime keys: how a job runs, not what it computes (rule resources
+# and flags, which never rerun a job); both from echochamber.settings.Pretrain.
+DEFAULTS = ec_settings.identity(ec_settings.Pretrain())
+SAVE_EVERY = ec_settings.Pretrain().save_every
+JOB_KEYS = tuple(ec_settings.runtime_keys(ec_settings.Pretrain))
 CURVE_COLUMNS = ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s")
 RESUME, PROGRESS = "resume", "progress.json"
 
@@ -59,37 +57,41 @@ class PretrainError(RuntimeError):
 
 # ----------------------------------------------------------------------------- config helpers
 
-def section(config: dict, scale: str) -> dict:
-    """The pretrain section as one scale sees it: ``pretrain.per_scale.<scale>`` over the rest."""
-    p = dict(config.get("pretrain", {}))
-    return {**p, **p.pop("per_scale", {}).get(scale, {})}
+def section(config: dict, scale: str | None = None) -> ec_settings.Pretrain:
+    """The pretrain section (defaults filled) as one scale sees it: ``pretrain.per_scale.<scale>`` over the rest."""
+    return ec_settings.Pretrain.model_validate(config.get("pretrain", {})).at(scale)
 
 
 def settings(config: dict, scale: str, seed: int) -> dict:
-    """Everything one cell's training depends on: the pretrain section (defaults filled), the scale and
-    the seed. The job keys (processes, GPUs, threads) are left out: they only change how the same
-    global batch is computed, so editing them reruns nothing."""
-    p = {**DEFAULTS, **{k: v for k, v in section(config, scale).items() if k not in JOB_KEYS}}
+    """Everything one cell's training depends on: the pretrain section's identity settings, the scale and
+    the seed. The runtime keys (JOB_KEYS: processes, GPUs, threads, micro-batch size, save cadence) are
+    left out: they only change how the same global batch is computed, so editing them reruns nothing."""
+    p = ec_settings.identity(section(config, scale))
     return {**p, "scale": dict(config["scales"][scale]), "scale_name": scale, "seed": int(seed)}
 
 
 def save_every(config: dict, scale: str) -> int:
     """Steps between resume states (a runtime setting: how much a killed job loses, not what it computes)."""
-    return int(section(config, scale).get("save_every", SAVE_EVERY))
+    return section(config, scale).save_every
+
+
+def micro_batch_size(config: dict, scale: str) -> int:
+    """Sequences per process per micro-step (a runtime setting: the global batch and its loss are the same)."""
+    return section(config, scale).micro_batch_size
 
 
 def gpus(config: dict, scale: str) -> int:
     """GPUs of one pretraining job of this scale (the rule's ``gpu`` resource); 0 runs on CPUs."""
-    return int(section(config, scale).get("gpus", 0))
+    return section(config, scale).gpus
 
 
 def processes(config: dict, scale: str) -> int:
     """Processes of one pretraining job of this scale: one per GPU, else ``processes`` on CPUs."""
-    return gpus(config, scale) or int(section(config, scale).get("processes", 1))
+    return gpus(config, scale) or section(config, scale).processes
 
 
 def threads(config: dict) -> int:
-    return int(config.get("pretrain", {}).get("threads", 2))
+    return section(config).threads
 
 
 def check_config(config: dict, origin: str = "config") -> None:
@@ -97,7 +99,7 @@ def check_config(config: dict, origin: str = "config") -> None:
     from echochamber.config import ConfigError
 
     for name in sorted(set(config["grid"]["scales"])):
-        p = {**DEFAULTS, **section(config, name)}
+        p = section(config, name)
         n = processes(config, name)
         if p["batch_size"] % (p["micro_batch_size"] * n):
             raise ConfigError(f"{origin}: pretrain.batch_size {p['batch_size']} is not a multiple of "
@@ -402,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for all processes together")
     ap.add_argument("--save-every", type=int, default=None, help=f"steps between resume states ({SAVE_EVERY})")
+    ap.add_argument("--micro-batch-size", type=int, default=None, help="sequences per process per micro-step "
+                    "(pretrain.micro_batch_size: runtime, so the rule passes it here, not in --settings)")
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr, force=True,
@@ -409,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
         s = json.loads(args.settings)
+        if args.micro_batch_size:
+            s["micro_batch_size"] = args.micro_batch_size
+        s.setdefault("micro_batch_size", ec_settings.Pretrain().micro_batch_size)
         run(s, args.mixture, args.tokenizer, args.out, device=args.device, threads=args.threads,
             save_every=args.save_every)
     except PretrainError as e:

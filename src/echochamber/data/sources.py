@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from echochamber import settings as ec_settings
 from echochamber.data import synthetic
 from echochamber.io import atomic_path
 
@@ -10,12 +11,12 @@ def source_spec(config: dict, name: str) -> dict:
     """Only the settings one source's data depends on (so editing another source reruns nothing here)."""
     spec = dict(config["data"]["sources"][name])
     if spec["kind"] == "synthetic":
-        syn = config["data"].get("synthetic", {})
-        spec.setdefault("n_train", syn.get("n_train", 2000))
-        spec.setdefault("n_test", syn.get("n_test", 200))
-        spec.setdefault("n_hard", syn.get("n_hard", 200))
-        spec["difficulty"] = syn.get("difficulty", {})
-        spec["hard"] = syn.get("hard", {"min_steps": 4, "max_steps": 5})
+        syn = ec_settings.Synthetic.model_validate(config["data"].get("synthetic", {}))
+        for key in ("n_train", "n_test", "n_hard"):
+            if spec.get(key) is None:
+                spec[key] = syn[key]
+        spec["difficulty"] = syn.difficulty.model_dump()
+        spec["hard"] = syn.hard.model_dump()
         spec["seed"] = config["seed"]
     return spec
 

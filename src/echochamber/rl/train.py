@@ -336,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for this job (all processes)")
     ap.add_argument("--save-every", type=int, default=None,
                     help=f"rollout steps between resume states (default {DEFAULTS['save_every']}; EI: every round)")
+    ap.add_argument("--samples-logged", type=int, default=None, help="completions per step kept in samples.parquet "
+                    "(rl.samples_logged: runtime, not in --spec)")
     a = ap.parse_args(argv)
     import transformers
 
@@ -343,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()
     spec = json.loads(Path(a.spec[1:]).read_text() if a.spec.startswith("@") else a.spec)
+    if a.samples_logged is not None:
+        spec["samples_logged"] = a.samples_logged
     accelerator = make_accelerator(Settings.from_spec(spec))
     setup_logging(a.log if accelerator.is_main_process else None,
                   level=logging.INFO if accelerator.is_main_process else logging.WARNING)
