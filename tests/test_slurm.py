@@ -50,13 +50,15 @@ def test_paper_config_is_complete_and_replaces_the_embedded_default(tmp_path):
                     "--config", f"results={tmp_path / 'results'}", cwd=tmp_path)
     out = dry.stdout + dry.stderr
     assert set(re.findall(r"source=(\w+)/train\.parquet", out)) == set(grid.sources_needed(cfg))
+    # each job's block on its own (a pattern over the whole plan would backtrack through every job)
+    blocks = re.split(r"\n(?=(?:local)?rule \w+:)", out)
     # each pretraining job asks Slurm for its scale's GPUs and launches one process per GPU
-    jobs = re.findall(r"rule pretrain:.*?scale=(\w+).*?gpu=(\d+).*?--num_processes (\d+).*?"
-                      r'"micro_batch_size": (\d+)', out, flags=re.S)
+    jobs = [tuple(re.search(p, b).group(1) for p in (r"scale=(\w+)", r"gpu=(\d+)", r"--num_processes (\d+)",
+                                                      r"--micro-batch-size (\d+)"))
+            for b in blocks if b.startswith("rule pretrain:")]
     assert len(jobs) == 22
     assert set(jobs) == {("150M", "4", "4", "16"), ("1B", "8", "8", "8")}
-    # (each job's block on its own: a pattern over the whole plan would backtrack through every job)
-    blocks = [b for b in re.split(r"\n(?=(?:local)?rule \w+:)", out) if b.startswith("rule rl:")]
+    blocks = [b for b in blocks if b.startswith("rule rl:")]
     rl = [(re.search(r"gpu=(\d+)", b).group(1), re.search(r"echochamber\.launch --processes (\d+)", b).group(1))
           for b in blocks]
     assert len(rl) == 154 and set(rl) == {("4", "4")}
