@@ -35,5 +35,9 @@ rule all:
         results_outputs(),
 
 
+onstart:
+    warn_if_grid_too_large()
+
+
 onsuccess:
     print(final_message())

@@ -64,6 +64,12 @@ def tokenizer_outputs():
     return [f"{R}/tokenizer/tokenizer_config.json"] if ec_base.needs_tokenizer(config) else []
 
 
+def warn_if_grid_too_large():
+    """Before the first job: one line when the grid is too large for the local executor."""
+    if message := ec_grid.size_warning(config, local=workflow.local_exec):
+        print(message, file=sys.stderr)
+
+
 def final_message():
     """What `make run` prints at the end: the study's summary and where the results are."""
     summary = Path(f"{R}/summary.txt")

@@ -53,18 +53,6 @@ def test_not_yaml_and_missing_file(tmp_path):
         ec_config.load(tmp_path / "nope.yaml")
 
 
-def test_workflow_refuses_bad_config_before_any_job(tmp_path):
-    cfg = tiny_config(tmp_path / "results")
-    cfg["grid"]["algos"]["ppoo"] = {"kl": [0.0]}
-    path = write_config(tmp_path / "config.yaml", cfg)
-    proc = snakemake("-n", "--configfile", str(path), cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    out = proc.stdout + proc.stderr
-    assert "Config error:" in out and "grid.algos: unknown key 'ppoo'" in out
-    assert "Traceback" not in out
-    assert not (tmp_path / "results").exists()
-
-
 def test_grid_expansion_and_exclusion():
     cfg = mutate(lambda c: c["grid"].update(
         mixtures=[next(iter(c["mixtures"]))], scales=["xs", "s"], seeds=[0, 1],
@@ -95,15 +83,61 @@ GRID_BAD = {
 }
 
 
-@pytest.mark.parametrize("name", sorted({**BAD, **GRID_BAD}))
-def test_bad_config_is_one_clear_sentence(name):
-    fn, words = {**BAD, **GRID_BAD}[name]
-    with pytest.raises(ec_config.ConfigError) as err:
-        ec_config.validate(mutate(fn), origin="my.yaml")
-    msg = str(err.value)
-    assert msg.startswith("my.yaml: ") and "\n" not in msg
+MORE_BAD = {
+    "path_like_mixture": (lambda c: (c["mixtures"].update({"a/b": {"tg": 1}}), c["grid"].update(mixtures=["a/b"])),
+                          ["mixtures.a/b", "must match"]),
+    "path_like_scale": (lambda c: (c["scales"].update({"x/y": c["scales"]["xs"]}), c["grid"].update(scales=["x/y"])),
+                        ["scales.x/y", "must match"]),
+    "path_like_benchmark": (lambda c: c["eval"]["benchmarks"].update({"a/b": {"source": "gsm8k", "split": "test"}}),
+                            ["eval.benchmarks.a/b", "must match"]),
+    "negative_seed": (lambda c: c["grid"].update(seeds=[-1]), ["grid.seeds", "-1", ">= 0"]),
+    "seed_as_word": (lambda c: c["grid"].update(seeds=["zero"]), ["grid.seeds", "'zero'", "integer"]),
+    "top_p_above_one": (lambda c: c["rl"].update(top_p=2.0), ["rl.top_p", "2.0", "<= 1"]),
+    "rl_gpus_as_word": (lambda c: c["rl"].update(gpus="two"), ["rl.gpus", "'two'", "integer"]),
+    "vocab_too_small": (lambda c: c["tokenizer"].update(vocab_size=10), ["tokenizer.vocab_size", "10", ">= 300"]),
+    "unknown_prompt_split": (lambda c: c["rl"]["prompts"].update(split="validation"),
+                             ["rl.prompts.split", "'validation'", "train"]),
+    "exclude_names_no_grid_value": (lambda c: c["grid"].update(exclude=[{"scale": "m"}]),
+                                    ["grid.exclude.0.scale", "'m'", "not in the grid"]),
+    "difficulty_steps_reversed": (lambda c: c["data"]["synthetic"]["difficulty"].update(min_steps=3, max_steps=2),
+                                  ["data.synthetic.difficulty.min_steps", "3", "max_steps 2"]),
+    "grpo_single_sample": (lambda c: (c["grid"]["algos"].update(grpo={"kl": [0.0]}),
+                                      c["rl"].update(samples_per_prompt=1, train_batch_size=2, micro_batch_size=2)),
+                           ["rl.samples_per_prompt", "GRPO"]),
+}
+CROSS_FIELD = {
+    "k_above_n": (lambda c: c["eval"].update(k=8, n_samples=4), ["eval.k (8) must not exceed eval.n_samples (4)"]),
+    "pretrain_batch": (lambda c: c["pretrain"].update(batch_size=12, micro_batch_size=8), ["pretrain.batch_size 12"]),
+    "rl_train_batch": (lambda c: c["rl"].update(train_batch_size=5), ["rl.train_batch_size: 5 does not divide"]),
+    "ei_with_kl": (lambda c: c["grid"]["algos"].update(ei={"kl": [0.01]}), ["grid.algos.ei.kl"]),
+    "reward_clip_order": (lambda c: c["rl"].update(reward_clip=[1, -1]), ["rl.reward_clip"]),
+}
+BROKEN = {**BAD, **GRID_BAD, **MORE_BAD, **CROSS_FIELD}
+
+
+def _validate_cli(path):
+    return subprocess.run([sys.executable, "-m", "echochamber.cli", "validate", str(path)],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_validate_and_the_workflow_refuse_a_broken_config_with_the_same_sentence(name, tmp_path):
+    """Both commands exit non-zero before any job, with one sentence that names the key as written and
+    what is allowed, and write nothing under results/."""
+    fn, words = BROKEN[name]
+    cfg = tiny_config(tmp_path / "results")
+    fn(cfg)
+    path = write_config(tmp_path / "bad.yaml", cfg)
+    cli = _validate_cli(path)
+    assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+    sentence = cli.stderr.strip().removeprefix("echochamber: ")
+    assert sentence.startswith(f"{path}: ")
     for w in words:
-        assert w in msg, msg
+        assert w in sentence, sentence
+    wf = snakemake("-n", "--configfile", str(path), cwd=tmp_path, check=False)
+    out = wf.stdout + wf.stderr
+    assert wf.returncode != 0 and f"Config error: {sentence}" in out and "Traceback" not in out, out[-2000:]
+    assert not (tmp_path / "results").exists()
 
 
 def test_every_accepted_kl_value_is_a_cell_path_the_workflow_builds(tmp_path):
@@ -116,38 +150,6 @@ def test_every_accepted_kl_value_is_a_cell_path_the_workflow_builds(tmp_path):
     out = dry.stdout + dry.stderr
     for spelling in ("0", "1e-05", "0.001", "2.5", "1e+20"):
         assert f"algo=ppo/kl={spelling}/seed=0" in out, spelling
-
-
-# --- one validation path: `echochamber validate` and the workflow agree ---------------------------------
-
-CROSS_FIELD = {
-    "k_above_n": (lambda c: c["eval"].update(k=8, n_samples=4), "eval.k (8) must not exceed eval.n_samples (4)"),
-    "pretrain_batch": (lambda c: c["pretrain"].update(batch_size=12, micro_batch_size=8), "pretrain.batch_size 12"),
-    "rl_train_batch": (lambda c: c["rl"].update(train_batch_size=5), "rl.train_batch_size: 5 does not divide"),
-    "ei_with_kl": (lambda c: c["grid"]["algos"].update(ei={"kl": [0.01]}), "grid.algos.ei.kl"),
-    "reward_clip_order": (lambda c: c["rl"].update(reward_clip=[1, -1]), "rl.reward_clip"),
-    "duplicate_seed": (lambda c: c["grid"].update(seeds=[0, 0]), "grid.seeds"),
-}
-
-
-def _validate_cli(path):
-    return subprocess.run([sys.executable, "-m", "echochamber.cli", "validate", str(path)],
-                          capture_output=True, text=True)
-
-
-@pytest.mark.parametrize("name", sorted(CROSS_FIELD))
-def test_validate_and_the_workflow_reject_the_same_config_with_the_same_sentence(name, tmp_path):
-    fn, words = CROSS_FIELD[name]
-    cfg = tiny_config(tmp_path / "results")
-    fn(cfg)
-    path = write_config(tmp_path / "bad.yaml", cfg)
-    cli = _validate_cli(path)
-    assert cli.returncode == 2 and words in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
-    sentence = cli.stderr.strip().removeprefix("echochamber: ")
-    assert sentence.startswith(f"{path}: ")
-    wf = snakemake("-n", "--configfile", str(path), cwd=tmp_path, check=False)
-    assert wf.returncode != 0 and f"Config error: {sentence}" in wf.stdout + wf.stderr
-    assert not (tmp_path / "results").exists()
 
 
 def test_numbers_written_with_an_exponent_are_numbers(tmp_path):
@@ -168,6 +170,26 @@ def test_a_yaml_syntax_error_is_one_sentence_with_line_and_column(tmp_path):
     out = _validate_cli(bad)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert f"{bad}: YAML syntax error at line " in out.stderr and ", column " in out.stderr
+    # Snakemake parses a --configfile itself, before the workflow's code runs: its own message (no line
+    # number), but it too stops before any job
+    wf = snakemake("-n", "--configfile", str(bad), cwd=tmp_path, check=False)
+    assert wf.returncode != 0 and "not valid JSON or YAML" in wf.stdout + wf.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_grid_too_large_for_one_machine_gets_a_one_line_warning(tmp_path):
+    cfg = tiny_config(tmp_path / "results")
+    assert grid.size_warning(cfg, local=True) is None
+    cfg["grid"]["seeds"] = list(range(100))
+    message = grid.size_warning(cfg, local=True)
+    assert message.startswith(f"warning: this grid is {grid.n_jobs(cfg)} jobs (100 pretraining and 100 RL cells)")
+    assert "\n" not in message and "profiles/slurm" in message
+    assert grid.size_warning(cfg, local=False) is None          # a cluster executor takes it
+    # the workflow says it before its first job
+    path = write_config(tmp_path / "config.yaml", cfg)
+    target = str(tmp_path / "results" / "data" / "source=tg" / "test.parquet")
+    proc = snakemake(target, "--cores", "1", "--configfile", str(path), cwd=tmp_path)
+    assert message in proc.stdout + proc.stderr
 
 
 # --- the schema is generated from echochamber.settings -------------------------------------------------

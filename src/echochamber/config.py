@@ -209,6 +209,12 @@ def _check_references(config: dict, origin: str) -> None:
         if src not in sources:
             raise ConfigError(f"{origin}: {field}: unknown source {src!r}; "
                               f"defined in data.sources: {', '.join(sources)}")
+    synthetic = config["data"].get("synthetic") or {}
+    for key in ("difficulty", "hard"):
+        d = synthetic.get(key) or {}
+        if d.get("min_steps") is not None and d.get("max_steps") is not None and d["min_steps"] > d["max_steps"]:
+            raise ConfigError(f"{origin}: data.synthetic.{key}.min_steps: {d['min_steps']} exceeds "
+                              f"max_steps {d['max_steps']}; a problem takes between min_steps and max_steps steps")
     for name, scale in config["scales"].items():
         if scale["d_model"] % scale["n_heads"]:
             raise ConfigError(f"{origin}: scales.{name}: d_model {scale['d_model']} is not divisible "
@@ -244,6 +250,7 @@ def _check_grid(config: dict, origin: str) -> None:
                 raise ConfigError(f"{origin}: grid.algos.{algo}.kl: {paths[path]!r} and {kl!r} are {same} "
                                   f"(both kl={path}); list each coefficient once")
             paths[path] = kl
+    _check_exclude(g, origin)
     pretrain_cells, rl_cells = ec_grid.pretrain_cells(config), ec_grid.rl_cells(config)
     if not pretrain_cells and not rl_cells:
         raise ConfigError(f"{origin}: grid: no cells are left (grid.exclude removes every combination of "
@@ -260,6 +267,17 @@ def _check_grid(config: dict, origin: str) -> None:
         if rl_cells and not config.get("rl", {}).get("gpus"):
             raise ConfigError(f"{origin}: rl.gpus: scale {name} ({n / 1e6:.0f}M parameters in its blocks) is "
                               f"not meant for CPUs; set rl.gpus or remove {name} from grid.scales")
+
+
+def _check_exclude(g: dict, origin: str) -> None:
+    """Each grid.exclude rule names values of the grid: a typo would otherwise exclude nothing, silently."""
+    listed = {"mixture": g["mixtures"], "scale": g["scales"], "seed": g["seeds"], "algo": list(g.get("algos", {})),
+              "kl": [float(kl) for spec in g.get("algos", {}).values() for kl in spec["kl"]]}
+    for i, rule in enumerate(g.get("exclude") or []):
+        for key, value in rule.items():
+            if (float(value) if key == "kl" else value) not in listed[key]:
+                raise ConfigError(f"{origin}: grid.exclude.{i}.{key}: {value!r} is not in the grid "
+                                  f"({', '.join(map(str, listed[key]))}), so this rule would exclude nothing")
 
 
 def _no_duplicates(field: str, values: list, origin: str) -> None:

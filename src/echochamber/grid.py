@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 ALGOS = ("ppo", "grpo", "ei")
 SPLITS = ("train", "test", "hard")
+# More jobs than this on one machine is rarely meant: hours at mini scale, weeks at paper scale.
+LOCAL_JOBS = 500
 
 
 def kl_str(kl: float) -> str:
@@ -89,3 +91,21 @@ def sources_needed(config: dict) -> list[str]:
 def mixture_sources(config: dict) -> list[str]:
     """Sources whose text the tokenizer is trained on: those of the grid's mixtures."""
     return sorted({s for m in config["grid"]["mixtures"] for s in config["mixtures"][m]})
+
+
+def n_jobs(config: dict) -> int:
+    """Jobs of the whole grid: data and tokens per source, the tokenizer, each mixture, each pretraining
+    and RL cell with its evaluations (one per benchmark), ingest and report."""
+    evals = 1 + len(config.get("eval", {}).get("benchmarks", {}))
+    cells = len(pretrain_cells(config)) + len(rl_cells(config))
+    return 2 * len(sources_needed(config)) + 1 + len(config["grid"]["mixtures"]) + cells * evals + 2
+
+
+def size_warning(config: dict, *, local: bool) -> str | None:
+    """One line when a grid is too large to be meant for the machine it is about to run on."""
+    n = n_jobs(config)
+    if not local or n <= LOCAL_JOBS:
+        return None
+    return (f"warning: this grid is {n} jobs ({len(pretrain_cells(config))} pretraining and "
+            f"{len(rl_cells(config))} RL cells) for one machine; on a cluster run it with --profile "
+            f"profiles/slurm, or narrow it (grid.exclude)")
