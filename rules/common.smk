@@ -114,11 +114,15 @@ RL_CELLS = {c.id: c for c in ec_grid.rl_cells(config)}
 RL_CELL = "mixture={mixture}/scale={scale}/algo={algo}/kl={kl}/seed={seed}"
 # Every module of the sandbox package, where the reward runs model-written code (RL and evaluation jobs).
 SANDBOX_SRC = sorted((SRC / "sandbox").glob("*.py"))
+# Every module of the rollout package, which samples the completions (RL and evaluation jobs).
+ROLLOUT_SRC = sorted((SRC / "rollout").glob("*.py"))
 # The library code every RL job runs; each job also runs its own algorithm's module (rl/<algo>.py, imported
-# lazily by rl/train.py), so editing ppo.py reruns the PPO cells only.
+# lazily by rl/train.py), so editing ppo.py reruns the PPO cells only. rl/core.py only re-exports for tests.
+RL_SHARED = ("__init__", "settings", "train", "trainer", "losses", "experience", "scoring", "tables")
 RL_SRC = (
-    [SRC / "rl" / f for f in ("__init__.py", "settings.py", "core.py", "train.py")]
-    + [SRC / f for f in ("reward.py", "rollout.py", "formats.py", "models.py", "tensors.py", "schedule.py")]
+    [SRC / "rl" / f"{m}.py" for m in RL_SHARED]
+    + [SRC / f for f in ("reward.py", "formats.py", "models.py", "tensors.py", "schedule.py")]
+    + ROLLOUT_SRC
     + SANDBOX_SRC
     + [SRC / "data" / "tokenizer.py"]
 )
@@ -145,9 +149,9 @@ def rl_prompts():
 
 EVAL_BASE_CELL = "mixture={mixture}/scale={scale}/algo=base/kl=0/seed={seed}"
 # Library code an evaluation depends on: editing it reruns the evaluations.
-EVAL_SRC = [
-    SRC / f for f in ("evaluate.py", "formats.py", "rollout.py", "tensors.py", "reward.py", "models.py")
-] + SANDBOX_SRC
+EVAL_SRC = (
+    [SRC / f for f in ("evaluate.py", "formats.py", "tensors.py", "reward.py", "models.py")] + ROLLOUT_SRC + SANDBOX_SRC
+)
 
 
 def eval_benchmark_file(w):

@@ -193,14 +193,17 @@ def test_rl_code_edit_reruns_its_rl_cells_not_pretraining(ws):
     assert counts(jobs) == {"rl": 1, "eval_rl": 2, "ingest": 1, "report": 1, "all": 1}
     assert {w["algo"] for rule, w in jobs if rule in ("rl", "eval_rl")} == {"ppo"}
 
-    with edited(ws["repo"] / "src" / "echochamber" / "rl" / "core.py", "\n# a comment\n"):
+    # a module every algorithm shares reruns every RL cell
+    with edited(ws["repo"] / "src" / "echochamber" / "rl" / "losses.py", "\n# a comment\n"):
         jobs = dry_run(ws)
     assert counts(jobs) == {"rl": 2, "eval_rl": 4, "ingest": 1, "report": 1, "all": 1}
 
-    # The reward's sandbox is a package: any of its modules reruns RL and every evaluation, no pretraining.
-    with edited(ws["repo"] / "src" / "echochamber" / "sandbox" / "confinement.py", "\n# a comment\n"):
-        jobs = dry_run(ws)
-    assert counts(jobs) == {"rl": 2, "eval_base": 2, "eval_rl": 4, "ingest": 1, "report": 1, "all": 1}
+    # The reward's sandbox and the rollout engine are packages: any of their modules reruns RL and every
+    # evaluation, no pretraining.
+    for module in ("sandbox/confinement.py", "rollout/engine.py"):
+        with edited(ws["repo"] / "src" / "echochamber" / module, "\n# a comment\n"):
+            jobs = dry_run(ws)
+        assert counts(jobs) == {"rl": 2, "eval_base": 2, "eval_rl": 4, "ingest": 1, "report": 1, "all": 1}, module
 
 
 @contextlib.contextmanager

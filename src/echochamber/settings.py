@@ -253,7 +253,7 @@ class RL(Section):
     gamma: Fraction = setting(1.0, "discount", used_by=("ppo",))
     lam: Fraction = setting(0.95, "GAE lambda", used_by=("ppo",))
     loss_agg: Literal["microbatch_token_mean", "seq_mean", "token_mean"] = setting(
-        "microbatch_token_mean", "how per-token losses are reduced (echochamber.rl.core.aggregate): "
+        "microbatch_token_mean", "how per-token losses are reduced (echochamber.rl.losses.aggregate): "
         "microbatch_token_mean is the paper's packed runs, seq_mean OpenRLHF without packing", used_by=PG)
     truncated: Literal["score", "zero_reward"] = setting(
         "score", "score: a cut response is scored as written; zero_reward: it gets reward 0", used_by=ALL)

@@ -14,16 +14,11 @@ import time
 import numpy as np
 import torch
 
-from echochamber.rl.core import (
-    Accel,
-    Experience,
-    make_optimizer,
-    masked_sum,
-    policy_logits,
-    rollout_row,
-    score,
-    task_rewards,
-)
+from echochamber.rl.experience import Experience, policy_logits
+from echochamber.rl.losses import masked_sum
+from echochamber.rl.scoring import score, task_rewards
+from echochamber.rl.tables import rollout_row
+from echochamber.rl.trainer import Accel, make_optimizer
 from echochamber.tensors import left_pad, right_pad, token_logprobs
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from echochamber.rl.core import Experience, PolicyGradientTrainer, aggregate, kl_estimate
+from echochamber.rl.experience import Experience
+from echochamber.rl.losses import aggregate, kl_estimate
+from echochamber.rl.trainer import PolicyGradientTrainer
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,9 @@ import copy
 import torch
 from torch import nn
 
-from echochamber.rl.core import Experience, PolicyGradientTrainer, kl_estimate, last_token_index, whiten
+from echochamber.rl.experience import Experience, last_token_index
+from echochamber.rl.losses import kl_estimate, whiten
+from echochamber.rl.trainer import PolicyGradientTrainer
 from echochamber.tensors import model_inputs
 
 

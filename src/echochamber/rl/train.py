@@ -38,8 +38,9 @@ from echochamber import models as ec_models
 from echochamber.config import ConfigError
 from echochamber.data.tokenizer import encode_prompt
 from echochamber.io import atomic_path
-from echochamber.rl import core
+from echochamber.rl import tables
 from echochamber.rl.settings import DEFAULTS, Settings
+from echochamber.rl.trainer import Accel, checkpoint_steps
 
 log = logging.getLogger("echochamber.rl")
 RESUME, STATE = "resume", "state.pt"
@@ -85,7 +86,7 @@ def plan(s: Settings, n_prompts: int) -> dict:
                            f"file has only {n_prompts}")
     total = s.max_steps or max(1, math.ceil(s.episodes * per_episode))
     return {"per_episode": per_episode, "total": total,
-            "checkpoints": core.checkpoint_steps(total, per_episode, s.n_checkpoints)}
+            "checkpoints": checkpoint_steps(total, per_episode, s.n_checkpoints)}
 
 
 def step_prompts(n_prompts: int, batch: int, step: int, per_episode: int, seed: int) -> tuple[np.ndarray, int]:
@@ -114,7 +115,7 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
     t_start = time.perf_counter()
     s = spec if isinstance(spec, Settings) else Settings.from_spec(spec)
     out = Path(out)
-    accel = core.Accel(accelerator)
+    accel = Accel(accelerator)
     torch.manual_seed(s.seed)
     np.random.seed(s.seed)
     load_checkpoint, save_checkpoint = ec_models.load_checkpoint, ec_models.save_checkpoint
@@ -190,7 +191,7 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
         if accel.main:
             rows.append(row)
             samples += _pick_samples(records, step, s.samples_logged, s.seed)
-            core.write_table(rows, core.STEP_COLUMNS, out / "steps.partial.parquet")
+            tables.write_table(rows, tables.STEP_COLUMNS, out / "steps.partial.parquet")
             log.info(_progress(row, p["total"]))
         if step in p["checkpoints"]:
             if accelerator is not None:
@@ -202,8 +203,8 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
             _save_resume(out, step, fp, trainer, rows, samples, accel)
 
     if accel.main:
-        core.write_table(samples, core.SAMPLE_COLUMNS, out / "samples.parquet")
-        core.write_table(rows, core.STEP_COLUMNS, out / "steps.parquet")
+        tables.write_table(samples, tables.SAMPLE_COLUMNS, out / "samples.parquet")
+        tables.write_table(rows, tables.STEP_COLUMNS, out / "steps.parquet")
         (out / "steps.partial.parquet").unlink(missing_ok=True)
         ec_manifest.write_set(out / "checkpoints", p["checkpoints"])     # last: the set is complete
         shutil.rmtree(out / RESUME, ignore_errors=True)
@@ -302,7 +303,7 @@ def _pick_samples(records: list[dict], step: int, n: int, seed: int) -> list[dic
         return []
     rng = np.random.default_rng([seed, step, 17])
     chosen = sorted(rng.choice(len(records), size=min(n, len(records)), replace=False))
-    cols = [c for c in core.SAMPLE_COLUMNS if c != "step"]
+    cols = [c for c in tables.SAMPLE_COLUMNS if c != "step"]
     return [{"step": step, **{c: records[i].get(c) for c in cols}} for i in chosen]
 
 

@@ -1,4 +1,4 @@
-"""Fast batched sampling from an OLMo causal LM: our own forward, KV cache and decode loop.
+"""The rollout engine: fast batched sampling from an OLMo causal LM with our own forward, KV cache and decode loop.
 
 ``RolloutEngine`` copies the weights of a ``transformers`` ``OlmoForCausalLM`` (q/k/v and gate/up fused)
 and runs its own forward pass: a prefill of the left-padded prompts, then one token per step over a
@@ -7,95 +7,27 @@ at each prompt's first real token, exactly as ``generate`` derives them from the
 fp32 greedy decoding equals ``hf_generate`` token for token. Rows stop independently at EOS (finished
 rows emit pad); once at most half of the rows still run, the cache is compacted to the running rows.
 
-Sampling: temperature, then top-k (off when 0), then top-p (the smallest set of most likely tokens whose
-probability reaches ``top_p``), then an exact inverse-CDF draw with an optional ``torch.Generator`` on the
-model's device. ``logprobs`` are always under the model at temperature 1.
-
 The loop runs in inference mode (the returned tensors are cloned out of it, so trainers can use them) and,
 in eager mode, writes the cache with plain slices. On CUDA the engine runs in bf16 by default;
 ``compile=True`` captures the decode step as CUDA graphs, one per (rows, attended blocks), with sampling
 left eager. On CPU ``compile=True`` runs the same fixed-buffer step without capture, so that path is
 tested everywhere; the CPU default stays fp32 and exact.
-
-``hf_generate`` is the reference (``transformers`` ``generate``); ``vllm_generate`` an optional backend.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from echochamber.tensors import left_pad, position_ids, right_pad, token_logprobs
+from echochamber.rollout.sampling import RolloutBatch, SamplingParams, sample_tokens
+from echochamber.tensors import left_pad, position_ids, token_logprobs
 
 _LN_EPS = 1e-5  # OlmoLayerNorm's fixed epsilon
 _BLOCK = 32  # KV-cache positions per block; attention reads whole blocks
 _CUDA_CHECK_EVERY = 8  # on CUDA, read the finished flags (a host sync) every this many steps
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    greedy: bool = False
-
-
-@dataclass
-class RolloutBatch:
-    prompt_ids: torch.LongTensor  # [B, P] left-padded with pad_id
-    prompt_mask: torch.BoolTensor  # [B, P]
-    response_ids: torch.LongTensor  # [B, T] right-padded with pad_id (T = longest response)
-    response_mask: torch.BoolTensor  # [B, T] True for generated tokens up to and including EOS
-    logprobs: torch.FloatTensor  # [B, T] log-prob of each sampled token at temperature 1 (0 where masked)
-    truncated: torch.BoolTensor  # [B] True when the response hit max_new_tokens without EOS
-
-    def sequences(self) -> tuple[torch.LongTensor, torch.BoolTensor]:
-        """Prompt + response ids and their attention mask, for a training forward pass."""
-        ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
-        mask = torch.cat([self.prompt_mask, self.response_mask], dim=1)
-        return ids, mask
-
-
-# ---------------------------------------------------------------------------------------------- sampling
-
-
-def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to -inf every token outside the top-k (if ``top_k`` > 0) and outside the top-p nucleus.
-
-    The nucleus is the smallest set of most likely tokens whose total probability is >= ``top_p``: a token
-    stays when the probability of the tokens ranked above it is still below ``top_p``, so the most
-    likely token always stays.
-    """
-    if top_k > 0 and top_k < scores.shape[-1]:
-        kth = scores.topk(top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, -math.inf)
-    if top_p < 1.0:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probs = sorted_scores.softmax(dim=-1)
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # mass of the tokens ranked above
-        scores = scores.masked_fill(torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted), -math.inf)
-    return scores
-
-
-def sample_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
-) -> torch.LongTensor:
-    """One token per row of ``logits`` [n, vocab] (fp32) under ``params``."""
-    if params.greedy or params.top_k == 1:
-        return logits.argmax(dim=-1)
-    scores = logits / params.temperature if params.temperature != 1.0 else logits
-    probs = filter_logits(scores, params.top_k, params.top_p).softmax(dim=-1)
-    # inverse-CDF draw, one uniform per row; in float64 u * total < total, so the token found has p > 0
-    cdf = probs.double().cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device, generator=generator)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -489,102 +421,3 @@ def _to_blocks(x: torch.Tensor, blocks: int, fill: float) -> torch.Tensor:
     n, p = x.shape[:2]
     pad = (0, 0) * (x.dim() - 2) + (0, blocks * _BLOCK - p)
     return F.pad(x, pad, value=fill).view(n, blocks, _BLOCK, *x.shape[2:]).transpose(0, 1)
-
-
-# ---------------------------------------------------------------------------------------------- references
-
-
-@torch.no_grad()  # not inference_mode: trainers use the outputs in autograd graphs
-def hf_generate(
-    model,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    *,
-    eos_id: int,
-    pad_id: int,
-    generator: torch.Generator | None = None,
-    **generate_kwargs,
-) -> RolloutBatch:
-    """The ``transformers`` ``generate`` reference, same semantics and return type as the engine.
-
-    ``top_k`` is passed explicitly (``generate`` would otherwise apply its default of 50). ``generate``
-    takes no generator, so one seeds the global RNG inside a forked RNG state. ``generate_kwargs`` go
-    to ``generate`` (e.g. ``cache_implementation="static"``).
-    """
-    device = model.lm_head.weight.device
-    ids, mask = left_pad(prompts, pad_id, device)
-    sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
-    kwargs = dict(
-        attention_mask=mask.long(),
-        max_new_tokens=params.max_new_tokens,
-        do_sample=not params.greedy,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        return_dict_in_generate=True,
-        output_logits=True,
-        **({} if params.greedy else sampling),
-        **generate_kwargs,
-    )
-    seed = None if generator is None else int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if seed is not None:
-            torch.manual_seed(seed)
-        out = model.generate(ids, **kwargs)
-    response = out.sequences[:, ids.shape[1] :]
-    logprobs = token_logprobs(torch.stack(out.logits, dim=1), response)  # raw logits, temperature 1
-    is_eos = response == eos_id
-    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-    response_mask = ~after_eos
-    return RolloutBatch(
-        prompt_ids=ids,
-        prompt_mask=mask,
-        response_ids=response.masked_fill(after_eos, pad_id),
-        response_mask=response_mask,
-        logprobs=logprobs.masked_fill(after_eos, 0.0),
-        truncated=~is_eos.any(dim=1),
-    )
-
-
-def vllm_generate(
-    llm,
-    prompts: list[list[int]],
-    params: SamplingParams,
-    *,
-    eos_id: int,
-    pad_id: int,
-    seed: int = 0,
-) -> RolloutBatch:
-    """Optional vLLM backend (``pip install vllm``; use it when ``HAS_VLLM``), same return type.
-
-    ``llm`` is a ``vllm.LLM`` or the path of a ``save_pretrained`` checkpoint. Only ``eos_id`` stops a
-    row; log-probs are vLLM's raw ones (temperature 1) under its default ``logprobs_mode``.
-    """
-    import vllm
-
-    if isinstance(llm, str):
-        llm = vllm.LLM(model=llm, seed=seed, skip_tokenizer_init=True)
-    sampling = vllm.SamplingParams(
-        max_tokens=params.max_new_tokens,
-        temperature=0.0 if params.greedy else params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k if params.top_k > 0 else -1,
-        stop_token_ids=[eos_id],
-        ignore_eos=True,  # the checkpoint's own EOS; stop_token_ids still apply
-        logprobs=0,  # the sampled token's log-prob only
-        detokenize=False,
-        seed=seed,
-    )
-    outputs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sampling)]
-    ids, mask = left_pad(prompts, pad_id, "cpu")
-    tokens = [list(o.token_ids) for o in outputs]
-    response, response_mask = right_pad(tokens, pad_id)
-    logprobs, _ = right_pad([[step[t].logprob for step, t in zip(o.logprobs, ts)] for o, ts in zip(outputs, tokens)],
-                            0.0, dtype=torch.float)
-    return RolloutBatch(
-        prompt_ids=ids,
-        prompt_mask=mask,
-        response_ids=response,
-        response_mask=response_mask,
-        logprobs=logprobs,
-        truncated=torch.tensor([o.finish_reason == "length" for o in outputs]),
-    )
