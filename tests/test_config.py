@@ -3,6 +3,7 @@
 import copy
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -120,24 +121,34 @@ def _validate_cli(path):
                           capture_output=True, text=True)
 
 
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory):
+    """Both commands on every broken config, two cases at a time (each command keeps one core busy)."""
+    def both(name):
+        folder = tmp_path_factory.mktemp(name)
+        cfg = tiny_config(folder / "results")
+        BROKEN[name][0](cfg)
+        path = write_config(folder / "bad.yaml", cfg)
+        wf = snakemake("-n", "--configfile", str(path), cwd=folder, check=False)
+        return name, (folder, path, _validate_cli(path), wf)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(both, sorted(BROKEN)))
+
+
 @pytest.mark.parametrize("name", sorted(BROKEN))
-def test_validate_and_the_workflow_refuse_a_broken_config_with_the_same_sentence(name, tmp_path):
+def test_validate_and_the_workflow_refuse_a_broken_config_with_the_same_sentence(name, refusals):
     """Both commands exit non-zero before any job, with one sentence that names the key as written and
     what is allowed, and write nothing under results/."""
-    fn, words = BROKEN[name]
-    cfg = tiny_config(tmp_path / "results")
-    fn(cfg)
-    path = write_config(tmp_path / "bad.yaml", cfg)
-    cli = _validate_cli(path)
+    folder, path, cli, wf = refusals[name]
     assert cli.returncode == 2 and len(cli.stderr.strip().splitlines()) == 1, cli.stderr
     sentence = cli.stderr.strip().removeprefix("echochamber: ")
     assert sentence.startswith(f"{path}: ")
-    for w in words:
+    for w in BROKEN[name][1]:
         assert w in sentence, sentence
-    wf = snakemake("-n", "--configfile", str(path), cwd=tmp_path, check=False)
     out = wf.stdout + wf.stderr
     assert wf.returncode != 0 and f"Config error: {sentence}" in out and "Traceback" not in out, out[-2000:]
-    assert not (tmp_path / "results").exists()
+    assert not (folder / "results").exists()
 
 
 def test_every_accepted_kl_value_is_a_cell_path_the_workflow_builds(tmp_path):

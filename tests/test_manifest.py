@@ -1,8 +1,7 @@
 """Checkpoint manifests: each fault ends in a rerun or one sentence whose advice, followed, works.
 
-Unit tests cover writing and each failure of verification; the workflow tests damage the pretrained model
-and an RL checkpoint set of a real tiny run, check that the store stays the previous complete one, follow
-the advice and check that the rerun restores every checkpoint of the curve.
+Writing and each failure of verification; tests/test_study_faults.py damages the checkpoints of a real tiny
+run.
 """
 
 from __future__ import annotations
@@ -13,10 +12,8 @@ import re
 import shutil
 from pathlib import Path
 
-import duckdb
 import pytest
 
-from conftest import snakemake
 from echochamber import manifest, models
 from echochamber.data import tokenizer
 
@@ -130,105 +127,3 @@ def test_check_sizes_skips_what_has_no_manifest_yet(tmp_path):
     (root / "step=2" / "weights.bin").write_bytes(b"short")
     with pytest.raises(manifest.ManifestError, match=r"step=2 is damaged: weights\.bin has 5 bytes"):
         manifest.check_sizes([tmp_path / "model"], [root])
-
-
-# ------------------------------------------------------------------------------------------ the workflow
-
-CELL = "mixture={mixture}/scale=xs/seed=0"
-
-
-def store(db: Path) -> dict:
-    """Every table of the store, rows sorted (its content, not its bytes)."""
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        tables = [t for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()]
-        return {t: sorted(map(repr, con.execute(f'SELECT * FROM "{t}"').fetchall())) for t in tables}
-    finally:
-        con.close()
-
-
-def curve(db: Path) -> list[tuple]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute("SELECT algo, benchmark, step FROM evals ORDER BY ALL").fetchall()
-    finally:
-        con.close()
-
-
-def advice(proc) -> Path:
-    """The folder the one-sentence error tells to delete (checked to be one sentence)."""
-    err = proc.stdout + proc.stderr
-    said = re.findall(r"^(?:Checkpoint|Evaluation) error: (.+)$", err, re.MULTILINE)
-    assert proc.returncode != 0 and said, err[-3000:]
-    sentence = said[0]
-    folder = Path(re.search(r"delete the folder (\S+) and run snakemake again", sentence).group(1))
-    one_sentence_advising(sentence, folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def done(tmp_path_factory):
-    """A tiny study run to the end once (pretraining, PPO, evaluation, store); the tests below damage it."""
-    from conftest import tiny_config, write_config
-
-    root = tmp_path_factory.mktemp("faults")
-    cfg = tiny_config(root / "results")
-    config = write_config(root / "config.yaml", cfg)
-    snakemake("--cores", "2", f"--configfile={config}", cwd=root)
-    results = root / "results"
-    db = results / "echo.duckdb"
-    return {"root": root, "config": config, "results": results, "db": db,
-            "model": results / "pretrain" / CELL.format(mixture=cfg["grid"]["mixtures"][0]) / "model",
-            "rl": next((results / "rl").rglob("checkpoints")), "curve": curve(db)}
-
-
-def run(done, *args):
-    return snakemake("--cores", "2", f"--configfile={done['config']}", *args, cwd=done["root"], check=False)
-
-
-def test_a_damaged_pretrained_model_stops_in_one_sentence_whose_advice_reruns_pretraining(done):
-    db, model = done["db"], done["model"]
-    before = store(db)
-    assert ("base", "test", 0) in done["curve"]
-    weights = model / "model.safetensors"
-    with weights.open("r+b") as f:
-        f.truncate(weights.stat().st_size // 2)
-
-    failed = run(done)
-    assert advice(failed) == model
-    assert store(db) == before                      # the previous complete store, untouched
-
-    shutil.rmtree(model)                            # the advice
-    again = run(done)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert re.search(r"^(local)?rule pretrain:", again.stdout + again.stderr, re.MULTILINE)
-    manifest.verify(model)
-    assert curve(db) == done["curve"]
-    dry = run(done, "-n")
-    assert "Nothing to be done" in dry.stdout + dry.stderr
-
-
-def test_a_damaged_or_deleted_rl_checkpoint_never_shortens_the_curve(done):
-    db, rl = done["db"], done["rl"]
-    steps = manifest.steps(rl)
-    assert len(steps) >= 2 and [s for a, b, s in done["curve"] if (a, b) == ("ppo", "test")] == steps
-    before = store(db)
-
-    # same size, other bytes: the check before any job passes, the evaluation job's checksum stops it
-    flip_last_byte(rl / f"step={steps[0]}" / "model.safetensors")
-    failed = run(done, "--forcerun", "eval_rl")
-    assert advice(failed) == rl
-    assert store(db) == before
-
-    # a deleted step: stopped before any job, the evaluation never sees the shorter list
-    shutil.rmtree(rl / f"step={steps[0]}")
-    failed = run(done)
-    assert advice(failed) == rl
-    assert store(db) == before
-
-    shutil.rmtree(rl)                               # the advice
-    again = run(done)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert re.search(r"^(local)?rule rl:", again.stdout + again.stderr, re.MULTILINE)
-    assert manifest.steps(rl) == steps and set(manifest.verify_set(rl)) == set(steps)
-    assert curve(db) == done["curve"]

@@ -26,6 +26,15 @@ def test_lr_schedule_at_warm_up_end_midpoint_and_last_step():
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 99)))
 
 
+def test_rl_schedule_reaches_the_floor_one_step_after_the_last_as_openrlhf():
+    """transformers' get_cosine_with_min_lr_schedule_with_warmup after its warm-up (OpenRLHF's schedule)."""
+    g = [lr_factor(s, warmup=10, total=110, min_ratio=0.1, floor_after_last=True) for s in range(111)]
+    assert g[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert g[60] == pytest.approx(0.55)                                   # 50 of the 100 intervals
+    assert g[109] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))  # the last step
+    assert g[109] > 0.1 and g[110] == pytest.approx(0.1)
+
+
 def test_padding_puts_prompts_right_and_responses_left():
     ids, mask = left_pad([[5, 6], [7], []], pad_id=0)
     assert ids.tolist() == [[5, 6], [0, 7], [0, 0]] and mask.tolist() == [[1, 1], [0, 1], [0, 0]]

@@ -5,15 +5,17 @@ from __future__ import annotations
 import math
 
 
-def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float, floor_after_last: bool = False) -> float:
     """Multiplier of the peak lr for the optimizer step with 0-based index ``step`` of ``total`` (a LambdaLR
     factor): linear warm-up ``(step + 1) / warmup`` over the first ``warmup`` steps, then a cosine from 1 at
     step ``warmup`` down to exactly ``min_ratio`` at the last step, ``total - 1``, and ``min_ratio`` after it.
 
-    transformers' ``get_cosine_with_min_lr_schedule_with_warmup`` (OpenRLHF's schedule) spans one step more,
-    reaching the floor at step ``total``, which never runs, and starts its warm-up at lr 0; this one
-    trains at the floor on the last step and at ``lr / warmup`` on the first."""
+    ``floor_after_last`` is RL's convention, that of the paper's OpenRLHF (transformers'
+    ``get_cosine_with_min_lr_schedule_with_warmup``): the cosine spans one step more and reaches the floor at
+    step ``total``, which never runs. (transformers also starts the warm-up at lr 0; both conventions here
+    train at ``lr / warmup`` on the first step.)"""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    span = total - warmup - (0 if floor_after_last else 1)
+    progress = min(1.0, (step - warmup) / max(1, span))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -30,7 +30,7 @@ def make_optimizer(params, lr: float, betas, total_steps: int, warmup_ratio: flo
     opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=1e-8, weight_decay=0.0)
     warmup = math.ceil(warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
-        lr_factor, warmup=warmup, total=total_steps, min_ratio=min_ratio))
+        lr_factor, warmup=warmup, total=total_steps, min_ratio=min_ratio, floor_after_last=True))
     return opt, sched
 
 
