@@ -273,3 +273,21 @@ def test_an_identity_setting_reruns(ws):
     """The counterpart: RL's micro-batch size changes the numbers (loss_agg microbatch_token_mean), so it reruns."""
     jobs = dry_run(ws, variant(ws, "rl_micro", lambda cfg: cfg["rl"].update(micro_batch_size=2)))
     assert counts(jobs).get("rl") == 2, jobs
+
+
+STAGE_EDITS = {
+    # an evaluation setting: every evaluation, no training
+    "eval": (lambda cfg: cfg["eval"].update(max_new_tokens=12),
+             {"eval_base": 2, "eval_rl": 4, "ingest": 1, "report": 1, "all": 1}),
+    # a pretraining setting: the model and everything after it, not the data or the tokenizer
+    "pretrain": (lambda cfg: cfg["pretrain"].update(lr=1.0e-3),
+                 {"pretrain": 1, "eval_base": 2, "rl": 2, "eval_rl": 4, "ingest": 1, "report": 1, "all": 1}),
+    # an Expert Iteration setting, in a grid without an EI cell: nothing
+    "ei": (lambda cfg: cfg["rl"]["ei"].update(rounds=5), {}),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_EDITS))
+def test_a_stage_setting_reruns_only_what_depends_on_it(ws, stage):
+    edit, expected = STAGE_EDITS[stage]
+    assert counts(dry_run(ws, variant(ws, f"stage_{stage}", edit))) == expected

@@ -34,7 +34,7 @@ from echochamber import manifest
 from echochamber import settings as ec_settings
 from echochamber.data.tokenizer import encode_prompt
 from echochamber.formats import FORMATS, classify
-from echochamber.io import atomic_path
+from echochamber.io import atomic_path, unreadable
 
 METRIC_COLUMNS = ("step", "n_problems", "n_samples", "k", "temperature", "top_p", "pass1", "pass_k", "maj_k",
                   "mean_acc", *(f"share_{f}" for f in FORMATS), *(f"acc_{f}" for f in FORMATS),
@@ -208,7 +208,7 @@ def load_benchmark(path: str | os.PathLike, max_problems: int | None = None):
     try:
         table = pq.read_table(path)
     except Exception as e:  # noqa: BLE001
-        raise EvalError(f"benchmark file {path} is not a readable parquet file ({type(e).__name__}: {e})") from None
+        raise EvalError(unreadable("benchmark file", path, e)) from None
     missing = [c for c in ("id", "question", "answer") if c not in table.column_names]
     if missing:
         raise EvalError(f"benchmark file {path} lacks the column(s) {', '.join(missing)} of the data schema")

@@ -40,6 +40,12 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
+def unreadable(what: str, path, exc: BaseException, rule: str = "source") -> str:
+    """One sentence for a file a stage cannot read: the file, why, and how to have its rule write it again."""
+    return (f"{what} {path} is not a readable parquet file ({type(exc).__name__}); delete it and run snakemake "
+            f"again: rule {rule} writes it")
+
+
 def setup_logging(log_file: str | os.PathLike | None = None, level: int = logging.INFO) -> logging.Logger:
     """Log to stderr and, when given, to a job's log file."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]

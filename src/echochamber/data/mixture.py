@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from echochamber.io import atomic_path
+from echochamber.io import atomic_path, unreadable
 
 MANIFEST = "manifest.json"
 LENGTHS, COUNTS = "doc_lengths.npy", "counts.npy"
@@ -130,7 +130,7 @@ def _n_rows(parquet: Path) -> int:
     try:
         return pq.ParquetFile(parquet).metadata.num_rows
     except Exception as e:  # noqa: BLE001 - an unreadable file is a user-facing data problem
-        raise MixtureError(f"source file {parquet} is not a readable parquet file ({type(e).__name__})") from None
+        raise MixtureError(unreadable("source file", parquet, e)) from None
 
 
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -54,14 +54,22 @@ def load(path: str | Path):
     return AutoTokenizer.from_pretrained(path)
 
 
+class SourceError(ValueError):
+    """A source file the tokenizer cannot read; the message is one sentence."""
+
+
 def documents(parquet_files: Iterable[str | Path]) -> Iterator[str]:
     """The text of every document of some source splits (question + blank line + solution)."""
     import pyarrow.parquet as pq
 
     from echochamber.formats import document
+    from echochamber.io import unreadable
 
     for f in parquet_files:
-        table = pq.read_table(f, columns=["question", "solution"])
+        try:
+            table = pq.read_table(f, columns=["question", "solution"])
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file is a user-facing data problem
+            raise SourceError(unreadable("source file", f, e)) from None
         for q, s in zip(table["question"].to_pylist(), table["solution"].to_pylist()):
             yield document(q, s)
 

@@ -37,7 +37,7 @@ from echochamber import manifest as ec_manifest
 from echochamber import models as ec_models
 from echochamber.config import ConfigError
 from echochamber.data.tokenizer import encode_prompt
-from echochamber.io import atomic_path
+from echochamber.io import atomic_path, unreadable
 from echochamber.rl import tables
 from echochamber.rl.settings import DEFAULTS, Settings
 from echochamber.rl.trainer import Accel, checkpoint_steps
@@ -63,7 +63,7 @@ def load_prompts(path, max_prompts: int | None = None) -> tuple[list[str], list[
     try:
         table = pq.read_table(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a user-facing input error
-        raise RLInputError(f"prompt file {path} is not a readable parquet file ({type(e).__name__})") from None
+        raise RLInputError(unreadable("prompt file", path, e)) from None
     missing = [c for c in ("question", "answer") if c not in table.column_names]
     if missing:
         raise RLInputError(f"prompt file {path} has no column {', '.join(map(repr, missing))} "
