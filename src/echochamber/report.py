@@ -88,14 +88,15 @@ def _table(df, title: str, note: str = "") -> str:
     return f"<h3>{html.escape(title)}</h3>{f'<p>{html.escape(note)}</p>' if note else ''}{body}"
 
 
-def render_html(db_path, sets: list[plots.FigureSet], figures_rel: str, text_summary: str) -> str:
+def render_html(db_path, sets: list[plots.FigureSet], figures_rel: str, text_summary: str,
+                judged: list[findings.Finding]) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>echo-chamber report</title>"
              f"<style>{_STYLE}</style></head><body><h1>Echo chamber: results report</h1>",
              f"<p>Store: <code>{html.escape(str(db_path))}</code>, built "
              f"{html.escape(store.meta(db_path).get('built_at', '?'))}. Every number below is a query on it.</p>",
              "<h2>Summary</h2>", f"<pre>{html.escape(text_summary)}</pre>",
              "<h2>The paper's findings</h2>",
-             _table(findings.frame(findings.judge(db_path)), "F1-F7 as this grid shows them",
+             _table(findings.frame(judged), "F1-F7 as this grid shows them",
                     "criteria: echochamber.findings (and the README); `echochamber findings` prints the same table"),
              "<h2>Tables</h2>"]
     for name, title in (("pass1_before_after", "pass@1, pass@k and maj@k before and after RL"),
@@ -116,8 +117,10 @@ def render_html(db_path, sets: list[plots.FigureSet], figures_rel: str, text_sum
 
 def build(db_path: str | os.PathLike, html_out: str | os.PathLike, figures_dir: str | os.PathLike,
           summary_out: str | os.PathLike | None = None, *, mixtures: dict[str, dict[str, float]],
-          scales: list[str] | None = None, log=None) -> list[plots.FigureSet]:
-    """Draw the figures into ``figures_dir`` and write the HTML report (and the text summary), atomically."""
+          scales: list[str] | None = None, findings_out: str | os.PathLike | None = None,
+          log=None) -> list[plots.FigureSet]:
+    """Draw the figures into ``figures_dir`` and write the HTML report (and the text summary and the
+    findings table), atomically; the findings are judged once for both."""
     html_out, figures_dir = Path(html_out), Path(figures_dir)
     with atomic_path(figures_dir) as tmp:
         sets = plots.render_all(db_path, tmp, mixtures, scales)
@@ -126,8 +129,11 @@ def build(db_path: str | os.PathLike, html_out: str | os.PathLike, figures_dir: 
             log.info("%s: %s", fs.id, fs.note or f"{len(fs.files)} figure(s)")
     text = summary(db_path, report_path=html_out)
     rel = os.path.relpath(figures_dir, html_out.parent)
+    judged = findings.judge(db_path)
     with atomic_path(html_out) as tmp:
-        tmp.write_text(render_html(db_path, sets, rel, text))
+        tmp.write_text(render_html(db_path, sets, rel, text, judged))
+    if findings_out:
+        findings.write_tsv(judged, findings_out)
     if summary_out:
         with atomic_path(summary_out) as tmp:
             tmp.write_text(text + "\n")

@@ -26,7 +26,7 @@ import duckdb
 import pyarrow as pa
 
 from echochamber.formats import FORMATS as ANSWER_FORMATS
-from echochamber.io import atomic_path
+from echochamber.io import atomic_path, unreadable
 
 QUERIES_DIR = Path(__file__).resolve().parents[2] / "queries"
 
@@ -222,8 +222,7 @@ def _check_files(spec: TableSpec, files: list[str]) -> list[dict]:
         try:
             schema = pq.read_schema(f)
         except Exception as e:  # noqa: BLE001 - any reader error means the file is unusable
-            raise StoreError(f"{f} is not a readable parquet file ({type(e).__name__}); delete it and rerun "
-                             f"rule {rule}, which writes it") from None
+            raise StoreError(unreadable("file", f, e, rule)) from None
         have = dict(zip(schema.names, schema.types))
         missing = [c for c in spec.columns if c not in have]
         if missing:
