@@ -1,6 +1,7 @@
 """A bad config stops before any job runs, in one sentence naming the field and the allowed values."""
 
 import copy
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -191,6 +192,10 @@ def test_a_yaml_syntax_error_is_one_sentence_with_line_and_column(tmp_path):
 def test_a_grid_too_large_for_one_machine_gets_a_one_line_warning(tmp_path):
     cfg = tiny_config(tmp_path / "results")
     assert grid.size_warning(cfg, local=True) is None
+    # n_jobs counts the jobs the workflow plans (all of them but the `all` target)
+    dry = snakemake("-n", "--configfile", str(write_config(tmp_path / "one.yaml", cfg)), cwd=tmp_path)
+    planned = int(re.search(r"^total\s+(\d+)$", dry.stdout + dry.stderr, re.MULTILINE).group(1))
+    assert grid.n_jobs(cfg) == planned - 1
     cfg["grid"]["seeds"] = list(range(100))
     message = grid.size_warning(cfg, local=True)
     assert message.startswith(f"warning: this grid is {grid.n_jobs(cfg)} jobs (100 pretraining and 100 RL cells)")

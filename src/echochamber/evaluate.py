@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import typing
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,7 +64,7 @@ class EvalSettings(ec_settings.EvalJob):
 # ------------------------------------------------------------------------------------------ config
 
 
-CHECKPOINT_CHOICES = ("all", "last")
+CHECKPOINT_CHOICES = typing.get_args(ec_settings.Benchmark.model_fields["checkpoints"].annotation)  # all, last
 
 
 def section(config: dict) -> ec_settings.Eval:

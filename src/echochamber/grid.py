@@ -94,11 +94,12 @@ def mixture_sources(config: dict) -> list[str]:
 
 
 def n_jobs(config: dict) -> int:
-    """Jobs of the whole grid: data and tokens per source, the tokenizer, each mixture, each pretraining
-    and RL cell with its evaluations (one per benchmark), ingest and report."""
+    """Jobs of the whole grid: data per source, tokens per mixture source, the tokenizer, each mixture, each
+    pretraining and RL cell with its evaluations (one per benchmark), ingest and report."""
     evals = 1 + len(config.get("eval", {}).get("benchmarks", {}))
     cells = len(pretrain_cells(config)) + len(rl_cells(config))
-    return 2 * len(sources_needed(config)) + 1 + len(config["grid"]["mixtures"]) + cells * evals + 2
+    data = len(sources_needed(config)) + len(mixture_sources(config)) + 1 + len(config["grid"]["mixtures"])
+    return data + cells * evals + 2
 
 
 def size_warning(config: dict, *, local: bool) -> str | None:

@@ -19,6 +19,8 @@ import json
 import os
 from pathlib import Path
 
+from echochamber.io import atomic_path
+
 NAME = "manifest.json"
 SET = "checkpoint set"
 CHUNK = 8 << 20     # bytes hashed per read: constant memory for multi-GB weights files
@@ -44,9 +46,8 @@ def _entries(folder: Path) -> dict[str, dict]:
 
 def _dump(data: dict, path: Path) -> None:
     """Write JSON atomically: a reader sees no manifest or a whole one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def write(folder: str | os.PathLike) -> Path:

@@ -68,7 +68,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 class PPOTrainer(PolicyGradientTrainer):
-    uses_critic = True
 
     def advantages(self, exp: Experience) -> tuple[Experience, dict]:
         s, mask = self.s, exp.response_mask

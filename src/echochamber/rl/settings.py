@@ -67,7 +67,6 @@ def check(config: dict, origin: str = "config") -> None:
                           f"rollout_batch_size {rl.rollout_batch_size} prompts evenly")
 
 
-PPOSettings, GRPOSettings, EISettings = ec_settings.PPO, ec_settings.GRPO, ec_settings.EI
 
 
 class Settings(ec_settings.RL):

@@ -219,14 +219,12 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
 
 def fingerprint(s: Settings, base, prompts, world: int) -> str:
     """What a resume state must match: the settings that change numbers (all but ``threads``), the process
-    count, and the contents of the base checkpoint and of the prompt file (not their paths)."""
-    key = {k: v for k, v in vars(s).items() if k != "threads"}
-    h = hashlib.sha256(json.dumps({**key, "world": world}, sort_keys=True, default=vars).encode())
-    base = Path(base)
-    for path in [*sorted(f for f in base.rglob("*") if f.is_file()), Path(prompts)]:
-        h.update(str(path.relative_to(base) if path.is_relative_to(base) else path.name).encode())
-        with path.open("rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
+    count, and the contents of the base checkpoint (its manifest lists every file's sha256, so the weights
+    are not read again) and of the prompt file (not their paths)."""
+    key = s.model_dump(exclude={"threads"})
+    h = hashlib.sha256(json.dumps({**key, "world": world}, sort_keys=True).encode())
+    h.update(json.dumps(json.loads((Path(base) / ec_manifest.NAME).read_text())["files"], sort_keys=True).encode())
+    h.update(ec_manifest.sha256(prompts).encode())
     return h.hexdigest()[:20]
 
 
@@ -348,13 +346,14 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path(a.spec[1:]).read_text() if a.spec.startswith("@") else a.spec)
     if a.samples_logged is not None:
         spec["samples_logged"] = a.samples_logged
-    accelerator = make_accelerator(Settings.from_spec(spec))
+    s = Settings.from_spec(spec)
+    accelerator = make_accelerator(s)
     setup_logging(a.log if accelerator.is_main_process else None,
                   level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    threads = a.threads or spec.get("threads") or torch.get_num_threads()
+    threads = a.threads or torch.get_num_threads()
     torch.set_num_threads(max(1, threads // accelerator.num_processes))
     try:
-        run(spec, base=a.base, prompts=a.prompts, out=a.out, accelerator=accelerator, save_every=a.save_every)
+        run(s, base=a.base, prompts=a.prompts, out=a.out, accelerator=accelerator, save_every=a.save_every)
     except _user_errors() as e:
         log.error("%s", e)
         return 1

@@ -104,7 +104,6 @@ class Accel:
 class PolicyGradientTrainer:
     """Rollout -> score -> annotate -> advantages -> clipped minibatch updates; PPO and GRPO fill in the rest."""
 
-    uses_critic = False
 
     def __init__(self, settings, policy, tokenizer, *, ref=None, critic=None, scorer=None, accel: Accel | None = None,
                  total_updates: int = 1, engine=None):
