@@ -55,6 +55,14 @@ def test_every_omi2_solution_has_correct_arithmetic_and_box(difficulty):
             assert eval(f"{a} {'//' if op == '/' else op} {b}") == int(result)
 
 
+def test_each_format_opens_with_a_first_line_of_its_own():
+    # the format is chosen in the first tokens, as in the real data: one opening line per format,
+    # shared by all its solutions and by no other format
+    firsts = {r: {row["solution"].split("\n", 1)[0] for row in rows(r, n=100)} for r in ("tinygsm", "omi1", "omi2")}
+    assert all(len(lines) == 1 for lines in firsts.values()), firsts
+    assert len(set.union(*firsts.values())) == 3
+
+
 def test_gsm8k_render_has_gold_after_hashes():
     for row in rows("gsm8k", n=50):
         assert row["solution"].rsplit("#### ", 1)[1] == row["answer"]
