@@ -31,7 +31,7 @@ BAD = {
     "unknown_scale": (lambda c: c["grid"].update(scales=["xxl"]), ["grid.scales", "xxl", "150M"]),
     "unknown_render": (lambda c: c["data"]["sources"]["tg"].update(render="python"), ["data.sources.tg.render", "tinygsm"]),
     "negative_kl": (lambda c: c["grid"]["algos"]["ppo"].update(kl=[-0.1]), ["grid.algos.ppo.kl", ">= 0"]),
-    "heads_do_not_divide": (lambda c: c["scales"]["s"].update(n_heads=3), ["scales.s", "divisible"]),
+    "heads_do_not_divide": (lambda c: c["scales"]["s"].update(n_heads=c["scales"]["s"]["d_model"] + 1), ["scales.s", "divisible"]),
     "wrong_type": (lambda c: c["pretrain"].update(lr="fast"), ["pretrain.lr", "number"]),
     "unknown_rl_prompt_source": (lambda c: c["rl"]["prompts"].update(source="gsm9k"), ["rl.prompts.source", "gsm9k", "data.sources"]),
     "unknown_benchmark_source": (lambda c: c["eval"]["benchmarks"]["test"].update(source="math"), ["eval.benchmarks.test.source", "math"]),
@@ -166,8 +166,9 @@ def test_every_accepted_kl_value_is_a_cell_path_the_workflow_builds(tmp_path):
 
 def test_numbers_written_with_an_exponent_are_numbers(tmp_path):
     cfg = tiny_config(tmp_path / "results")
+    cfg["pretrain"]["lr"] = 0.003
     path = write_config(tmp_path / "config.yaml", cfg)
-    text = path.read_text().replace("lr: 0.003", "lr: 3e-3", 1)
+    text = path.read_text().replace("lr: 0.003", "lr: 3e-3", 1)   # YAML 1.1 reads 3e-3 as a string
     assert "lr: 3e-3" in text
     path.write_text(text)
     loaded = ec_config.load(path)

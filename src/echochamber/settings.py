@@ -166,7 +166,7 @@ class Pretrain(Section):
     micro_batch_size: Positive = setting(32, "sequences per process per forward/backward pass; batch_size must be "
                                              "a multiple of micro_batch_size x processes", runtime=True)
     epochs: PositiveFloat = setting(1.0, "passes over the mixture's sequences")
-    max_steps: Positive | None = setting(None, "a cap on optimizer steps (null: epochs decide)")
+    max_steps: Positive | None = setting(None, "optimizer steps, in place of epochs (null: epochs decide)")
     lr: NonNegative = setting(3.0e-3, "peak learning rate")
     weight_decay: NonNegative = setting(0.1, "AdamW weight decay (matrices except the input embedding)")
     betas: Pair = setting([0.9, 0.95], "AdamW betas")
