@@ -27,12 +27,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# ruff (pyproject's [tool.ruff]), snakefmt ([tool.snakefmt]) and Snakemake's own lints on both configs
+# ruff (pyproject's [tool.ruff]), snakefmt ([tool.snakefmt]) and Snakemake's own lints on every config
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/snakefmt --check Snakefile rules/
 	$(BIN)/snakemake --lint
 	$(BIN)/snakemake --lint --configfile configs/paper.yaml
+	$(BIN)/snakemake --lint --configfile configs/mini_paper.yaml
 
 clean-results:
 	rm -rf results .snakemake

@@ -223,7 +223,7 @@ def test_snakemake_validates_against_the_generated_schema_and_fills_in_the_defau
     from echochamber import settings
     from echochamber.rl import settings as rl_settings
 
-    for path in [ROOT / "config.yaml", ROOT / "configs" / "paper.yaml"]:
+    for path in [ROOT / "config.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]:
         cfg = yaml.safe_load(path.read_text())
         sm_validate(cfg, str(ec_config.SCHEMA_FILE), set_default=True)
         ec_config.validate(cfg, origin=str(path))        # the filled-in config is still valid
