@@ -1,12 +1,14 @@
 # echo-chamber: data mixture x model scale x RL algorithm (x KL x seed), into one DuckDB store.
 #   snakemake --cores all                                   the embedded mini-study (config.yaml)
 #   snakemake --profile profiles/slurm --configfile configs/paper.yaml   the paper's grid on Slurm
+#   snakemake --cores all --configfile config.yaml configs/mini_paper.yaml   the mini-paper (an overlay)
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-# A --configfile (e.g. configs/paper.yaml) replaces the embedded default instead of merging into it.
+# A --configfile (e.g. configs/paper.yaml) replaces the embedded default instead of merging into it;
+# several are merged in order, later ones winning (configs/mini_paper.yaml goes after config.yaml).
 if not workflow.overwrite_configfiles:
 
     configfile: "config.yaml"

@@ -14,6 +14,9 @@ from echochamber import config as ec_config
 from echochamber import grid
 
 GOOD = yaml.safe_load((ROOT / "config.yaml").read_text())
+# The shipped configs as users pass them: the mini-paper is an overlay on config.yaml.
+SHIPPED = [(ROOT / "config.yaml",), (ROOT / "configs" / "paper.yaml",),
+           (ROOT / "config.yaml", ROOT / "configs" / "mini_paper.yaml")]
 
 
 def mutate(fn):
@@ -42,8 +45,34 @@ BAD = {
 
 
 def test_shipped_configs_are_valid():
-    for path in [ROOT / "config.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]:
-        ec_config.load(path)
+    assert {p.name for paths in SHIPPED for p in paths} >= {p.name for p in (ROOT / "configs").glob("*.yaml")}
+    for paths in SHIPPED:
+        ec_config.load(*paths)
+
+
+def test_configs_merge_as_snakemake_merges_them(tmp_path):
+    over = write_config(tmp_path / "over.yaml", {"results": "elsewhere", "pretrain": {"threads": 1},
+                                                 "grid": {"seeds": [3, 4]}})
+    merged = ec_config.load(ROOT / "config.yaml", over)
+    assert merged["results"] == "elsewhere" and merged["grid"]["seeds"] == [3, 4]      # lists are replaced
+    assert merged["pretrain"]["threads"] == 1 and merged["pretrain"]["lr"] == GOOD["pretrain"]["lr"]  # dicts merge
+    assert merged["grid"]["algos"] == GOOD["grid"]["algos"]
+    # an overlay alone is not a config: the sentence names the missing key
+    with pytest.raises(ec_config.ConfigError, match="over.yaml.*required"):
+        ec_config.load(over)
+
+
+def test_the_mini_paper_plans_the_cells_its_figures_need():
+    cli = subprocess.run([sys.executable, "-m", "echochamber.cli", "validate", str(ROOT / "config.yaml"),
+                          str(ROOT / "configs" / "mini_paper.yaml")], capture_output=True, text=True)
+    assert cli.returncode == 0 and "10 pretrain cells, 22 RL cells" in cli.stdout, cli.stderr
+    cfg = ec_config.load(*SHIPPED[2])
+    cells = grid.rl_cells(cfg)
+    assert {c.scale for c in cells} == {"s", "sm"} and {c.seed for c in cells} == {0, 1}
+    default = [c for c in cells if c.mixture == "as_fm3_tg_omi1_omi2" and c.scale == "s"]
+    assert sorted({c.kl for c in default if c.algo == "ppo"}) == [0.0, 0.001, 0.01, 0.1, 0.3]
+    assert {c.algo for c in default} == {"ppo", "grpo", "ei"}
+    assert {(c.algo, c.kl) for c in cells if c.mixture != "as_fm3_tg_omi1_omi2" or c.scale == "sm"} == {("ppo", 0.0)}
 
 
 def test_not_yaml_and_missing_file(tmp_path):
@@ -223,10 +252,10 @@ def test_snakemake_validates_against_the_generated_schema_and_fills_in_the_defau
     from echochamber import settings
     from echochamber.rl import settings as rl_settings
 
-    for path in [ROOT / "config.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]:
-        cfg = yaml.safe_load(path.read_text())
+    for paths in SHIPPED:
+        cfg = ec_config.load(*paths)
         sm_validate(cfg, str(ec_config.SCHEMA_FILE), set_default=True)
-        ec_config.validate(cfg, origin=str(path))        # the filled-in config is still valid
+        ec_config.validate(cfg, origin=str(paths))        # the filled-in config is still valid
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     del cfg["rl"]["critic_lr"], cfg["eval"]["batch_size"]
     sm_validate(cfg, str(ec_config.SCHEMA_FILE), set_default=True)

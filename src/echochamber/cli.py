@@ -25,9 +25,9 @@ def _print_json(obj) -> None:
 def cmd_validate(args) -> int:
     from echochamber import config, grid
 
-    cfg = config.load(args.config)
+    cfg = config.load(*args.config)
     cells = grid.rl_cells(cfg)
-    print(f"{args.config}: valid; {len(grid.pretrain_cells(cfg))} pretrain cells, {len(cells)} RL cells")
+    print(f"{' + '.join(args.config)}: valid; {len(grid.pretrain_cells(cfg))} pretrain cells, {len(cells)} RL cells")
     return 0
 
 
@@ -101,7 +101,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("validate", help="check a workflow config and count its cells")
-    s.add_argument("config", nargs="?", default="config.yaml")
+    s.add_argument("config", nargs="*", default=["config.yaml"],
+                   help="a config, or several merged in order as snakemake --configfile A B merges them")
     s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("schema", help="print the config's JSON schema, generated from echochamber.settings")

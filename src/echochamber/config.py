@@ -22,18 +22,27 @@ class ConfigError(ValueError):
     """A user mistake in the config; the message is one sentence naming the field."""
 
 
-def load(path: str | Path) -> dict:
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        config = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
-    validate(config, origin=str(path))
+
+
+def load(*paths: str | Path) -> dict:
+    """The validated config of one file, or of several merged in order as ``snakemake --configfile A B``
+    merges them (Snakemake's own ``update_config``: nested keys of later files win, lists are replaced)."""
+    from snakemake.utils import update_config
+
+    config = _read_yaml(Path(paths[0]))
+    for path in paths[1:]:
+        update_config(config, _read_yaml(Path(path)) or {})
+    validate(config, origin=" + ".join(str(p) for p in paths))
     return config
 
 
