@@ -40,7 +40,7 @@ BAD = {
     "unknown_benchmark_source": (lambda c: c["eval"]["benchmarks"]["test"].update(source="math"), ["eval.benchmarks.test.source", "math"]),
     "unknown_precision": (lambda c: c["pretrain"].update(precision="fp8"), ["pretrain.precision", "bf16"]),
     "per_scale_unknown_scale": (lambda c: c["pretrain"].update(per_scale={"xxl": {"gpus": 2}}), ["pretrain.per_scale", "xxl"]),
-    "per_scale_unknown_key": (lambda c: c["pretrain"].update(per_scale={"s": {"lr": 1.0}}), ["pretrain.per_scale.s", "lr", "allowed keys"]),
+    "per_scale_unknown_key": (lambda c: c["pretrain"].update(per_scale={"s": {"betas": [0.9, 0.9]}}), ["pretrain.per_scale.s", "betas", "allowed keys"]),
 }
 
 

@@ -128,6 +128,19 @@ def test_per_scale_settings_change_only_their_scale():
     assert (P.gpus(cfg, "s"), P.processes(cfg, "s")) == (0, 1)
 
 
+def test_a_scale_can_have_its_own_lr_and_steps_and_only_its_cells_see_them():
+    """A wider model usually wants a smaller lr: per_scale.<scale>.lr is that scale's identity (its cells rerun
+    when it changes), and no other scale's."""
+    big = {**TINY, "d_model": 128}
+    cfg = {"pretrain": {"lr": 4e-3, "max_steps": 100, "per_scale": {"b": {"lr": 2e-3, "max_steps": 300}}},
+           "scales": {"s": TINY, "b": big}, "grid": {"scales": ["s", "b"]}}
+    small, large = P.settings(cfg, "s", 0), P.settings(cfg, "b", 0)
+    assert (small["lr"], small["max_steps"]) == (4e-3, 100)
+    assert (large["lr"], large["max_steps"]) == (2e-3, 300)
+    cfg["pretrain"]["per_scale"]["b"]["lr"] = 1e-3
+    assert P.settings(cfg, "s", 0) == small and P.settings(cfg, "b", 0)["lr"] == 1e-3
+
+
 def test_a_job_launches_one_process_per_allocated_gpu_else_the_configured_count():
     from types import SimpleNamespace as NS
 

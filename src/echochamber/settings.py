@@ -153,6 +153,8 @@ class Scale(Section):
 # ----------------------------------------------------------------------------------------- pretrain
 
 class PerScale(Section):
+    lr: NonNegative | None = setting(None, "pretrain.lr at this scale (a wider model usually wants a smaller one)")
+    max_steps: Positive | None = setting(None, "pretrain.max_steps at this scale")
     micro_batch_size: Positive | None = setting(None, "pretrain.micro_batch_size at this scale")
     processes: Positive | None = setting(None, "pretrain.processes at this scale")
     gpus: Count | None = setting(None, "pretrain.gpus at this scale")
@@ -183,8 +185,8 @@ class Pretrain(Section):
                           runtime=True)
     threads: Positive = setting(2, "CPU threads of one pretraining job (shared by its processes)", runtime=True)
     per_scale: dict[ScaleName, PerScale] = setting(
-        help="scale -> the job settings that differ at that scale (e.g. the 1B model on more GPUs with smaller "
-             "micro-batches)", runtime=True, factory=dict)
+        help="scale -> the settings that differ at that scale (e.g. the 1B model on more GPUs with smaller "
+             "micro-batches, a smaller lr for a wider model)", runtime=True, factory=dict)
 
     def at(self, scale: str) -> Pretrain:
         """This section as one scale sees it: ``per_scale.<scale>`` over the rest."""
