@@ -134,3 +134,8 @@ def test_default_store_is_the_one_of_the_config_here(tmp_path, monkeypatch):
     assert findings.default_db() == findings.Path("results/echo.duckdb")
     (tmp_path / "config.yaml").write_text("results: out\n")
     assert findings.default_db() == findings.Path("out/echo.duckdb")
+    # a grid run as `--configfile config.yaml configs/mini_paper.yaml`: the overlay's results folder
+    from conftest import ROOT
+
+    assert findings.default_db(ROOT / "config.yaml", ROOT / "configs" / "mini_paper.yaml") == \
+        findings.Path("results_mini_paper/echo.duckdb")

@@ -91,7 +91,7 @@ def cmd_summary(args) -> int:
 def cmd_findings(args) -> int:
     from echochamber import findings
 
-    db = args.db or findings.default_db()
+    db = args.db or findings.default_db(*args.config)
     print(findings.table(findings.judge(db)))
     return 0
 
@@ -136,7 +136,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sql)
 
     s = sub.add_parser("findings", help="the paper's findings F1-F7 as this grid's store shows them, with verdicts")
-    s.add_argument("--db", default=None, help="the store (default: the one of config.yaml in this folder)")
+    s.add_argument("config", nargs="*", help="the configs the grid ran with, in snakemake --configfile order "
+                                             "(their results folder holds the store; default: config.yaml)")
+    s.add_argument("--db", default=None, help="the store itself, in place of the configs'")
     s.set_defaults(func=cmd_findings)
 
     s = sub.add_parser("summary", help="per cell: format shares and pass@1 before and after RL")

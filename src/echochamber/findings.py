@@ -222,12 +222,17 @@ def write_tsv(findings: list[Finding], path: str | os.PathLike) -> None:
         frame(findings).to_csv(tmp, sep="\t", index=False)
 
 
-def default_db(config_file: str | os.PathLike = "config.yaml") -> Path:
-    """The store of the config in the working directory (its ``results`` folder), else results/echo.duckdb."""
+def default_db(*config_files: str | os.PathLike) -> Path:
+    """The store of the given configs, merged in order as Snakemake merges them (the last ``results`` wins);
+    without any, the store of config.yaml in the working directory, else results/echo.duckdb."""
+    if config_files:
+        from echochamber import config
+
+        return Path(config.load(*config_files).get("results") or "results") / "echo.duckdb"
     import yaml
 
     try:
-        results = (yaml.safe_load(Path(config_file).read_text()) or {}).get("results") or "results"
+        results = (yaml.safe_load(Path("config.yaml").read_text()) or {}).get("results") or "results"
     except (OSError, yaml.YAMLError):
         results = "results"
     return Path(results) / "echo.duckdb"
