@@ -57,9 +57,15 @@ def test_configs_merge_as_snakemake_merges_them(tmp_path):
     assert merged["results"] == "elsewhere" and merged["grid"]["seeds"] == [3, 4]      # lists are replaced
     assert merged["pretrain"]["threads"] == 1 and merged["pretrain"]["lr"] == GOOD["pretrain"]["lr"]  # dicts merge
     assert merged["grid"]["algos"] == GOOD["grid"]["algos"]
-    # an overlay alone is not a config: the sentence names the missing key
-    with pytest.raises(ec_config.ConfigError, match="over.yaml.*required"):
+    # an overlay alone is not a config: the sentence names the missing key and how to give the overlay
+    with pytest.raises(ec_config.ConfigError, match="over.yaml.*required.*overlay.*--configfile config.yaml"):
         ec_config.load(over)
+    # a whole config missing a nested key gets no overlay advice
+    broken = copy.deepcopy(GOOD)
+    del broken["pretrain"]["lr"], broken["scales"]["s"]["d_model"]
+    with pytest.raises(ec_config.ConfigError) as e:
+        ec_config.validate(broken)
+    assert "d_model" in str(e.value) and "overlay" not in str(e.value)
 
 
 def test_the_mini_paper_plans_the_cells_its_figures_need():

@@ -160,7 +160,11 @@ def validate(config: object, origin: str = "config") -> None:
     try:
         settings.Config.model_validate(config)
     except pydantic.ValidationError as e:
-        raise ConfigError(f"{origin}: {explain(e.errors())}") from None
+        hint = ""
+        if any(x["type"] == "missing" and len(x["loc"]) == 1 for x in e.errors()):
+            hint = ("; a file that sets only some top-level keys is an overlay: give the config it extends "
+                    "first, as in --configfile config.yaml configs/mini_paper.yaml")
+        raise ConfigError(f"{origin}: {explain(e.errors())}{hint}") from None
     _check_references(config, origin)
     _check_stages(config, origin)
 
