@@ -16,6 +16,7 @@ rule ingest:
     params:
         cells=store_cells(),
         benchmarks=list(ec_eval.benchmarks(config)),
+        scales=ec_grid.scales_by_size(config),  # smallest first: how findings compare scales
     log:
         f"{R}/logs/ingest.log",
     benchmark:
@@ -41,7 +42,7 @@ rule report:
         db=f"{R}/echo.duckdb",
     params:
         mixtures={m: config["mixtures"][m] for m in config["grid"]["mixtures"]},
-        scales=list(config["grid"]["scales"]),
+        scales=ec_grid.scales_by_size(config),
     log:
         f"{R}/logs/report.log",
     benchmark:

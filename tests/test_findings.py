@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from echochamber import findings, store
+from echochamber import findings, grid, store
 from echochamber.formats import FORMATS
 from test_store import _write
 
@@ -52,10 +52,10 @@ def write_cell(root, cell, *, winner="omi1", collapse_at=4, steps=10, checkpoint
     return files
 
 
-def build(tmp_path, cells):
+def build(tmp_path, cells, scales=None):
     files = sorted({f for c in cells for f in write_cell(tmp_path, c["cell"], **c.get("kw", {}))})
     db = tmp_path / "echo.duckdb"
-    store.build(db, files, benchmarks=["test", "hard"])
+    store.build(db, files, benchmarks=["test", "hard"], scales=scales)
     return {f.id: f for f in findings.judge(db)}, db
 
 
@@ -107,6 +107,22 @@ def test_scale_and_winner_with_two_scales_and_two_mixtures(tmp_path):
     same, _ = build(tmp_path / "b", [{"cell": cell(scale="s")}, {"cell": cell(scale="m")},
                                      {"cell": cell(mixture="mix2")}])
     assert same["F5"].verdict == findings.NOT_REPRODUCED and same["F4"].verdict == findings.NOT_REPRODUCED
+
+
+def test_scales_are_compared_by_size_whatever_their_names(tmp_path):
+    """Names that sort the wrong way ("big" < "small"): the ingest records the grid's scales by parameters."""
+    cfg = {"scales": {"big": {"d_model": 128, "n_layers": 4, "mlp_hidden": 512},
+                      "small": {"d_model": 96, "n_layers": 3, "mlp_hidden": 384}},
+           "grid": {"scales": ["big", "small"]}}
+    order = grid.scales_by_size(cfg)
+    assert order == ["small", "big"]
+    cells = [{"cell": cell(scale="small"), "kw": {"winner": "tinygsm"}},
+             {"cell": cell(scale="big"), "kw": {"winner": "text"}}]
+    got, db = build(tmp_path / "sized", cells, scales=order)
+    assert store.meta(db)["scales"] == ["small", "big"]
+    assert got["F5"].verdict == findings.REPRODUCED and got["F5"].numbers == "mix: small -> tinygsm, big -> text"
+    by_name, _ = build(tmp_path / "unsized", cells)   # an older store: unknown names sort by name
+    assert by_name["F5"].verdict == findings.NOT_REPRODUCED
 
 
 def test_numbers_spread_over_seeds(tmp_path):

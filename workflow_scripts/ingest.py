@@ -8,7 +8,7 @@ log = setup_logging(snakemake.log[0])
 files = [f for key in ("curves", "steps", "samples", "evals", "generations") for f in snakemake.input[key]]
 try:
     counts = store.build(snakemake.output[0], files, cells=snakemake.params.cells,
-                         benchmarks=snakemake.params.benchmarks, log=log)
+                         benchmarks=snakemake.params.benchmarks, scales=snakemake.params.scales, log=log)
 except store.StoreError as e:
     log.error("%s", e)
     sys.exit(f"Ingest error: {e}")

@@ -239,12 +239,6 @@ def _check_references(config: dict, origin: str) -> None:
 GPU_ONLY_PARAMS = 100_000_000
 
 
-def _block_params(scale: dict) -> int:
-    """Parameters in the transformer blocks (attention 4 d^2 + SwiGLU 3 d h per layer)."""
-    d, h = int(scale["d_model"]), int(scale["mlp_hidden"])
-    return int(scale["n_layers"]) * (4 * d * d + 3 * d * h)
-
-
 def _check_grid(config: dict, origin: str) -> None:
     """The grid is a set of buildable cells: no duplicates (KL values equal as numbers included), every
     KL value a distinct cell path, at least one cell, and no large model without GPUs."""
@@ -270,7 +264,7 @@ def _check_grid(config: dict, origin: str) -> None:
                           f"grid.mixtures, grid.scales and grid.seeds)")
     released = {z for by_scale in (config.get("base_models") or {}).values() for z in (by_scale or {})}
     for name in sorted({c.scale for c in pretrain_cells}):
-        n = _block_params(config["scales"][name])
+        n = ec_grid.block_params(config["scales"][name])
         if n < GPU_ONLY_PARAMS:
             continue
         if name not in released and not pretrain.gpus(config, name):

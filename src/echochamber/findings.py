@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,8 @@ REPRODUCED, NOT_REPRODUCED, NOT_MEASURABLE = "reproduced", "not reproduced", "no
 COLLAPSE_SHARE = 0.9
 KL_MINORITY_POINTS = 0.05
 TRANSFER_POINTS = 0.03
-SCALE_LADDER = ("xs", "s", "m", "150M", "1B")      # known scales, smallest first; others sort after by name
+# Stores built before the ingest recorded the grid's scales by size: known scales smallest first, others after
+SCALE_LADDER = ("xs", "s", "m", "150M", "1B")
 
 
 @dataclass
@@ -145,8 +147,10 @@ def f4(db) -> Finding:
     return Finding("F4", "winner", REPRODUCED if upsets else NOT_REPRODUCED, numbers)
 
 
-def _scale_order(name: str) -> tuple:
-    return (SCALE_LADDER.index(name), "") if name in SCALE_LADDER else (len(SCALE_LADDER), name)
+def _scale_order(db) -> Callable[[str], tuple]:
+    """Sort key of scale names, smallest first: the order the store recorded (by parameters), else the ladder."""
+    ladder = store.meta(db).get("scales") or SCALE_LADDER
+    return lambda name: (ladder.index(name), "") if name in ladder else (len(ladder), name)
 
 
 def f5(db) -> Finding:
@@ -154,9 +158,9 @@ def f5(db) -> Finding:
     by_mixture = {m: g for (m,), g in _groups(rows, ("mixture",)).items() if len({r["scale"] for r in g}) >= 2}
     if not by_mixture:
         return Finding("F5", "scale", NOT_MEASURABLE, "needs PPO at KL 0 at two or more scales on one mixture")
-    verdicts, parts = [], []
+    verdicts, parts, by_size = [], [], _scale_order(db)
     for mixture, g in sorted(by_mixture.items()):
-        scales = sorted({r["scale"] for r in g}, key=_scale_order)
+        scales = sorted({r["scale"] for r in g}, key=by_size)
         winners = {z: sorted({r["winner"] for r in g if r["scale"] == z}) for z in scales}
         small, large = winners[scales[0]], winners[scales[-1]]
         verdicts.append("text" not in small and large == ["text"])

@@ -15,6 +15,18 @@ SPLITS = ("train", "test", "hard")
 LOCAL_JOBS = 500
 
 
+def block_params(scale: dict) -> int:
+    """Parameters in a scale's transformer blocks (attention 4 d^2 + SwiGLU 3 d h per layer)."""
+    d, h = int(scale["d_model"]), int(scale["mlp_hidden"])
+    return int(scale["n_layers"]) * (4 * d * d + 3 * d * h)
+
+
+def scales_by_size(config: dict) -> list[str]:
+    """The grid's scales, smallest first (by parameters in the blocks, then name): the order in which
+    findings and figures compare scales, whatever the scales are called."""
+    return sorted(config["grid"]["scales"], key=lambda z: (block_params(config["scales"][z]), str(z)))
+
+
 def kl_str(kl: float) -> str:
     """One spelling per KL coefficient: 0, 0.001, 0.01 (used in paths and wildcards)."""
     return f"{float(kl):g}"

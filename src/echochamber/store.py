@@ -336,12 +336,14 @@ def _alive(pid: int) -> bool:
 
 
 def build(db_path: str | os.PathLike, files: list[str | os.PathLike], cells: list[dict] | None = None,
-          benchmarks: list[str] | None = None, allow_missing: bool = False, log=None) -> dict[str, int]:
+          benchmarks: list[str] | None = None, scales: list[str] | None = None, allow_missing: bool = False,
+          log=None) -> dict[str, int]:
     """Build the store at ``db_path`` from an explicit list of per-cell parquet files; return rows per table.
 
     ``cells`` (coordinate dicts, base cells with ``algo='base'``, ``kl=0``) fill the ``cells`` table with a
     status each; by default they are read from the files' paths. ``benchmarks`` is the configured order
-    (the first one is the primary benchmark of summaries and figures). A missing file is an error unless
+    (the first one is the primary benchmark of summaries and figures); ``scales`` the grid's scales, smallest
+    first (findings compare scales in that order; grid.scales_by_size). A missing file is an error unless
     ``allow_missing``, which marks its cell accordingly.
     """
     db_path = Path(db_path)
@@ -379,6 +381,8 @@ def build(db_path: str | os.PathLike, files: list[str | os.PathLike], cells: lis
             counts["cells"] = len(status)
             meta = {"built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "benchmarks": json.dumps(list(benchmarks)), "n_files": str(len(files))}
+            if scales is not None:
+                meta["scales"] = json.dumps(list(scales))
             con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
             con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
             for name, sql in VIEWS.items():     # after meta: rl_outcomes reads the primary benchmark there
@@ -476,4 +480,5 @@ def meta(db_path: str | os.PathLike) -> dict:
     df = fetch(db_path, "SELECT key, value FROM meta")
     out = dict(zip(df["key"], df["value"]))
     out["benchmarks"] = json.loads(out.get("benchmarks", "[]"))
+    out["scales"] = json.loads(out["scales"]) if "scales" in out else None   # smallest first, when recorded
     return out
