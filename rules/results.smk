@@ -41,7 +41,7 @@ rule report:
         SCRIPTS / "make_report.py",
         db=f"{R}/echo.duckdb",
     params:
-        mixtures={m: config["mixtures"][m] for m in config["grid"]["mixtures"]},
+        mixtures={m: config["mixtures"][m] for m in ec_grid.values(config, "mixtures")},
         scales=ec_grid.scales_by_size(config),
     log:
         f"{R}/logs/report.log",

@@ -105,6 +105,33 @@ def test_grid_expansion_and_exclusion():
     assert len(grid.pretrain_cells(cfg)) == 4
 
 
+def test_grid_also_adds_products_that_take_the_keys_they_leave_out_from_the_main_one():
+    """The mini-paper's shape: a main study, a sweep of mixtures at one algorithm, a second scale."""
+    mix = next(iter(GOOD["mixtures"]))
+    cfg = mutate(lambda c: (c["mixtures"].update(rep2={**c["mixtures"][mix], "omi1": 2}, tg_only={"tg": 1}),
+                            c["grid"].update(mixtures=[mix], scales=["s"], seeds=[0, 1],
+                                             algos={"ppo": {"kl": [0.0, 0.01]}, "grpo": {"kl": [0.0]}},
+                                             also=[{"mixtures": ["rep2", "tg_only"], "algos": {"ppo": {"kl": [0.0]}}},
+                                                   {"scales": ["xs"], "seeds": [0], "algos": {}},
+                                                   {"algos": {"ppo": {"kl": [0.0]}}}],   # all in the main: no new cell
+                                             exclude=[{"mixture": "tg_only", "seed": 1}])))
+    ec_config.validate(cfg)
+    cells = {(c.mixture, c.scale, c.algo, c.kl, c.seed) for c in grid.rl_cells(cfg)}
+    main = {(mix, "s", a, kl, s) for a, kl in (("ppo", 0.0), ("ppo", 0.01), ("grpo", 0.0)) for s in (0, 1)}
+    sweep = {("rep2", "s", "ppo", 0.0, 0), ("rep2", "s", "ppo", 0.0, 1), ("tg_only", "s", "ppo", 0.0, 0)}
+    assert cells == main | sweep and len(grid.rl_cells(cfg)) == len(cells)   # each cell once
+    # the xs block pretrains only (algos: {}); its model is a cell of its own
+    assert {(c.mixture, c.scale, c.seed) for c in grid.pretrain_cells(cfg)} == {
+        (mix, "s", 0), (mix, "s", 1), ("rep2", "s", 0), ("rep2", "s", 1), ("tg_only", "s", 0), (mix, "xs", 0)}
+    assert grid.values(cfg, "mixtures") == [mix, "rep2", "tg_only"] and grid.scales_by_size(cfg) == ["xs", "s"]
+    assert grid.algos(cfg) == {"ppo": {"kl": [0.0, 0.01]}, "grpo": {"kl": [0.0]}}
+    assert "tg" in grid.mixture_sources(cfg) and set(grid.sources_needed(cfg)) >= set(GOOD["mixtures"][mix])
+    # every stage's checks see the blocks' scales: a batch that does not split at xs is refused
+    cfg["pretrain"]["per_scale"] = {"xs": {"micro_batch_size": 3}}
+    with pytest.raises(ec_config.ConfigError, match="at scale xs"):
+        ec_config.validate(cfg)
+
+
 # --- the grid is a set of buildable cells --------------------------------------------------------------
 
 GRID_BAD = {
@@ -114,6 +141,12 @@ GRID_BAD = {
     "kl_equal_as_numbers": (lambda c: c["grid"]["algos"]["ppo"].update(kl=[0.01, 1.0e-2]), ["grid.algos.ppo.kl", "equal", "kl=0.01"]),
     "kl_same_path": (lambda c: c["grid"]["algos"]["ppo"].update(kl=[0.001, 0.0010000001]), ["grid.algos.ppo.kl", "too close", "kl=0.001"]),
     "no_cells_left": (lambda c: c["grid"].update(exclude=[{"scale": z} for z in c["grid"]["scales"]]), ["grid", "no cells"]),
+    "also_unknown_mixture": (lambda c: c["grid"].update(also=[{"mixtures": ["nope"]}]),
+                             ["grid.also.0.mixtures", "unknown mixture 'nope'"]),
+    "also_empty_entry": (lambda c: c["grid"].update(also=[{}]), ["grid.also.0", "names at least one"]),
+    "also_kl_same_path": (lambda c: c["grid"].update(algos={"ppo": {"kl": [0.001]}},
+                                                     also=[{"algos": {"ppo": {"kl": [0.0010000001]}}}]),
+                          ["grid.also.0.algos.ppo.kl", "too close", "kl=0.001"]),
     "1B_without_gpus": (lambda c: c["grid"].update(scales=["1B"]), ["pretrain.gpus", "1B", "not meant for CPUs"]),
     "1B_rl_without_gpus": (lambda c: (c["grid"].update(scales=["1B"]), c["pretrain"].update(gpus=8)),
                            ["rl.gpus", "1B", "not meant for CPUs"]),

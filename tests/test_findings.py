@@ -113,7 +113,7 @@ def test_scales_are_compared_by_size_whatever_their_names(tmp_path):
     """Names that sort the wrong way ("big" < "small"): the ingest records the grid's scales by parameters."""
     cfg = {"scales": {"big": {"d_model": 128, "n_layers": 4, "mlp_hidden": 512},
                       "small": {"d_model": 96, "n_layers": 3, "mlp_hidden": 384}},
-           "grid": {"scales": ["big", "small"]}}
+           "grid": {"mixtures": ["mix"], "scales": ["big", "small"], "seeds": [0]}}
     order = grid.scales_by_size(cfg)
     assert order == ["small", "big"]
     cells = [{"cell": cell(scale="small"), "kw": {"winner": "tinygsm"}},

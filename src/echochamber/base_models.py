@@ -9,7 +9,6 @@ the same checkpoint. Cells not listed are pretrained as usual.
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 from pathlib import Path
@@ -48,9 +47,7 @@ def trained_cells(config: dict) -> list:
 def sources_needed(config: dict) -> list[str]:
     """``grid.sources_needed`` without the sources only base-model mixtures would read (never pretrained)."""
     trained = {c.mixture for c in trained_cells(config)}
-    pruned = copy.deepcopy(config)
-    pruned["grid"]["mixtures"] = [m for m in config["grid"]["mixtures"] if m in trained]
-    return ec_grid.sources_needed(pruned)
+    return ec_grid.sources_needed(config, [m for m in ec_grid.values(config, "mixtures") if m in trained])
 
 
 def needs_tokenizer(config: dict) -> bool:

@@ -178,10 +178,16 @@ def schema_yaml() -> str:
 def _check_stages(config: dict, origin: str) -> None:
     """Each stage's cross-field checks (batch divisibility, k <= n, ...), as the workflow runs them."""
     from echochamber import evaluate, pretrain
+    from echochamber import grid as ec_grid
     from echochamber.rl import settings as rl_settings
 
-    pretrain.check_config(config, origin)
-    rl_settings.check(config, origin)
+    # The stages' checks see every scale and algorithm of the grid, grid.also's included, as one product
+    # (they read grid.scales and grid.algos; editing their modules would rerun every job of the stage, the
+    # code being the rules' input).
+    whole = {**config, "grid": {**config["grid"], "scales": ec_grid.values(config, "scales"),
+                                "algos": ec_grid.algos(config)}}
+    pretrain.check_config(whole, origin)
+    rl_settings.check(whole, origin)
     try:
         evaluate.check_config(config)
     except evaluate.EvalError as e:
@@ -196,12 +202,12 @@ def _check_references(config: dict, origin: str) -> None:
             if src not in sources:
                 raise ConfigError(f"{origin}: mixtures.{name}: unknown source {src!r}; "
                                   f"defined in data.sources: {', '.join(sources)}")
-    grid = config["grid"]
-    for key, defined in (("mixtures", config["mixtures"]), ("scales", config["scales"])):
-        for name in grid[key]:
-            if name not in defined:
-                raise ConfigError(f"{origin}: grid.{key}: unknown {key[:-1]} {name!r}; "
-                                  f"allowed values: {', '.join(map(str, defined))}")
+    for where, block in _grid_blocks(config["grid"]):
+        for key, defined in (("mixtures", config["mixtures"]), ("scales", config["scales"])):
+            for name in block.get(key) or []:
+                if name not in defined:
+                    raise ConfigError(f"{origin}: {where}.{key}: unknown {key[:-1]} {name!r}; "
+                                      f"allowed values: {', '.join(map(str, defined))}")
     for mixture, by_scale in (config.get("base_models") or {}).items():
         if mixture not in config["mixtures"]:
             raise ConfigError(f"{origin}: base_models: unknown mixture {mixture!r}; "
@@ -246,18 +252,25 @@ def _check_grid(config: dict, origin: str) -> None:
     from echochamber import pretrain
 
     g = config["grid"]
-    for key in ("mixtures", "scales", "seeds"):
-        _no_duplicates(f"grid.{key}", g[key], origin)
-    for algo, spec in g.get("algos", {}).items():
-        paths = {}
-        for kl in spec["kl"]:
-            path = ec_grid.kl_str(kl)
-            if path in paths:
-                same = "equal" if float(paths[path]) == float(kl) else "too close to tell apart in a cell path"
-                raise ConfigError(f"{origin}: grid.algos.{algo}.kl: {paths[path]!r} and {kl!r} are {same} "
-                                  f"(both kl={path}); list each coefficient once")
-            paths[path] = kl
-    _check_exclude(g, origin)
+    kl_values = {}   # across blocks: one value per cell path
+    for where, block in _grid_blocks(g):
+        for key in ("mixtures", "scales", "seeds"):
+            if block.get(key) is not None:
+                _no_duplicates(f"{where}.{key}", block[key], origin)
+        for algo, spec in (block.get("algos") or {}).items():
+            paths = {}
+            for kl in (spec or {}).get("kl", []):
+                path = ec_grid.kl_str(kl)
+                if path in paths:
+                    same = "equal" if float(paths[path]) == float(kl) else "too close to tell apart in a cell path"
+                    raise ConfigError(f"{origin}: {where}.algos.{algo}.kl: {paths[path]!r} and {kl!r} are {same} "
+                                      f"(both kl={path}); list each coefficient once")
+                paths[path] = kl
+                other = kl_values.setdefault((algo, path), kl)
+                if float(other) != float(kl):
+                    raise ConfigError(f"{origin}: {where}.algos.{algo}.kl: {kl!r} and {other!r} (elsewhere in the "
+                                      f"grid) are too close to tell apart in a cell path (both kl={path})")
+    _check_exclude(config, origin)
     pretrain_cells, rl_cells = ec_grid.pretrain_cells(config), ec_grid.rl_cells(config)
     if not pretrain_cells and not rl_cells:
         raise ConfigError(f"{origin}: grid: no cells are left (grid.exclude removes every combination of "
@@ -276,11 +289,19 @@ def _check_grid(config: dict, origin: str) -> None:
                               f"not meant for CPUs; set rl.gpus or remove {name} from grid.scales")
 
 
-def _check_exclude(g: dict, origin: str) -> None:
+def _grid_blocks(g: dict) -> list[tuple[str, dict]]:
+    """(where, block) of the main grid and each ``grid.also`` entry as written (keys left out are absent)."""
+    return [("grid", g)] + [(f"grid.also.{i}", b) for i, b in enumerate(g.get("also") or [])]
+
+
+def _check_exclude(config: dict, origin: str) -> None:
     """Each grid.exclude rule names values of the grid: a typo would otherwise exclude nothing, silently."""
-    listed = {"mixture": g["mixtures"], "scale": g["scales"], "seed": g["seeds"], "algo": list(g.get("algos", {})),
-              "kl": [float(kl) for spec in g.get("algos", {}).values() for kl in spec["kl"]]}
-    for i, rule in enumerate(g.get("exclude") or []):
+    from echochamber import grid as ec_grid
+
+    algos = ec_grid.algos(config)
+    listed = {key[:-1]: ec_grid.values(config, key) for key in ("mixtures", "scales", "seeds")}
+    listed |= {"algo": list(algos), "kl": [float(kl) for spec in algos.values() for kl in spec["kl"]]}
+    for i, rule in enumerate(config["grid"].get("exclude") or []):
         for key, value in rule.items():
             if (float(value) if key == "kl" else value) not in listed[key]:
                 raise ConfigError(f"{origin}: grid.exclude.{i}.{key}: {value!r} is not in the grid "

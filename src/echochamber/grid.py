@@ -24,7 +24,7 @@ def block_params(scale: dict) -> int:
 def scales_by_size(config: dict) -> list[str]:
     """The grid's scales, smallest first (by parameters in the blocks, then name): the order in which
     findings and figures compare scales, whatever the scales are called."""
-    return sorted(config["grid"]["scales"], key=lambda z: (block_params(config["scales"][z]), str(z)))
+    return sorted(values(config, "scales"), key=lambda z: (block_params(config["scales"][z]), str(z)))
 
 
 def kl_str(kl: float) -> str:
@@ -71,30 +71,63 @@ def _excluded(cell: dict, rules: list[dict]) -> bool:
     return any(matches(r) for r in rules)
 
 
-def rl_cells(config: dict) -> list[RLCell]:
+BLOCK_KEYS = ("mixtures", "scales", "seeds", "algos")
+
+
+def blocks(config: dict) -> list[dict]:
+    """The grid as products of cells: the main one, then each of ``grid.also`` with the keys it leaves out
+    taken from the main one."""
     g = config["grid"]
-    cells = []
-    for algo, spec in g.get("algos", {}).items():
-        for m, z, kl, s in itertools.product(g["mixtures"], g["scales"], spec["kl"], g["seeds"]):
-            cell = RLCell(m, z, algo, float(kl), int(s))
-            if not _excluded(asdict(cell), g.get("exclude", [])):
-                cells.append(cell)
-    return cells
+    main = {"mixtures": g["mixtures"], "scales": g["scales"], "seeds": g["seeds"], "algos": g.get("algos") or {}}
+    return [main] + [{**main, **{k: v for k, v in b.items() if k in BLOCK_KEYS and v is not None}}
+                     for b in g.get("also") or []]
+
+
+def values(config: dict, key: str) -> list:
+    """The mixtures, scales or seeds of every block, each once, in the order they first appear."""
+    return list(dict.fromkeys(v for b in blocks(config) for v in b[key]))
+
+
+def algos(config: dict) -> dict[str, dict]:
+    """Every algorithm of every block with its KL coefficients, each once: ``{algo: {"kl": [...]}}``."""
+    out = {}
+    for b in blocks(config):
+        for algo, spec in (b["algos"] or {}).items():
+            if spec:
+                kls = out.setdefault(algo, {"kl": []})["kl"]
+                kls += [kl for kl in spec["kl"] if float(kl) not in map(float, kls)]
+    return out
+
+
+def rl_cells(config: dict) -> list[RLCell]:
+    cells = {}
+    for b in blocks(config):
+        for algo, spec in (b["algos"] or {}).items():
+            if spec is None:
+                continue
+            for m, z, kl, s in itertools.product(b["mixtures"], b["scales"], spec["kl"], b["seeds"]):
+                cell = RLCell(m, z, algo, float(kl), int(s))
+                if not _excluded(asdict(cell), config["grid"].get("exclude", [])):
+                    cells.setdefault(cell, None)
+    return list(cells)
 
 
 def pretrain_cells(config: dict) -> list[PretrainCell]:
     """Every (mixture, scale, seed) that is not excluded; an RL cell's base is always included."""
-    g = config["grid"]
-    cells = {PretrainCell(m, z, int(s)) for m, z, s in itertools.product(g["mixtures"], g["scales"], g["seeds"])
-             if not _excluded({"mixture": m, "scale": z, "seed": s}, g.get("exclude", []))}
+    exclude = config["grid"].get("exclude", [])
+    cells = {PretrainCell(m, z, int(s)) for b in blocks(config)
+             for m, z, s in itertools.product(b["mixtures"], b["scales"], b["seeds"])
+             if not _excluded({"mixture": m, "scale": z, "seed": s}, exclude)}
     cells |= {c.base for c in rl_cells(config)}
     return sorted(cells, key=lambda c: (c.mixture, c.scale, c.seed))
 
 
-def sources_needed(config: dict) -> list[str]:
-    """Sources the grid reads: those of its mixtures, the RL prompts and the eval benchmarks."""
-    needed = {s for m in config["grid"]["mixtures"] for s in config["mixtures"][m]}
-    if config.get("rl", {}).get("prompts") and config["grid"].get("algos"):
+def sources_needed(config: dict, mixtures: list[str] | None = None) -> list[str]:
+    """Sources the grid reads: those of its mixtures (or of ``mixtures``), the RL prompts and the eval
+    benchmarks."""
+    mixtures = values(config, "mixtures") if mixtures is None else mixtures
+    needed = {s for m in mixtures for s in config["mixtures"][m]}
+    if config.get("rl", {}).get("prompts") and rl_cells(config):
         needed.add(config["rl"]["prompts"]["source"])
     needed |= {b["source"] for b in config.get("eval", {}).get("benchmarks", {}).values()}
     return sorted(needed)
@@ -102,7 +135,7 @@ def sources_needed(config: dict) -> list[str]:
 
 def mixture_sources(config: dict) -> list[str]:
     """Sources whose text the tokenizer is trained on: those of the grid's mixtures."""
-    return sorted({s for m in config["grid"]["mixtures"] for s in config["mixtures"][m]})
+    return sorted({s for m in values(config, "mixtures") for s in config["mixtures"][m]})
 
 
 def n_jobs(config: dict) -> int:
@@ -110,7 +143,7 @@ def n_jobs(config: dict) -> int:
     pretraining and RL cell with its evaluations (one per benchmark), ingest and report."""
     evals = 1 + len(config.get("eval", {}).get("benchmarks", {}))
     cells = len(pretrain_cells(config)) + len(rl_cells(config))
-    data = len(sources_needed(config)) + len(mixture_sources(config)) + 1 + len(config["grid"]["mixtures"])
+    data = len(sources_needed(config)) + len(mixture_sources(config)) + 1 + len(values(config, "mixtures"))
     return data + cells * evals + 2
 
 

@@ -308,11 +308,30 @@ class Exclude(Section):
         return data
 
 
+class GridBlock(Section):
+    """One more product of cells; a key left out takes the main grid's value."""
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+    mixtures: Annotated[list[str], Field(min_length=1)] | None = setting(None, "mixtures of this block")
+    scales: Annotated[list[str], Field(min_length=1)] | None = setting(None, "scales of this block")
+    seeds: Annotated[list[Count], Field(min_length=1)] | None = setting(None, "model seeds of this block")
+    algos: Algos | None = setting(None, "RL algorithms and KL coefficients of this block ({}: pretraining only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_empty(cls, data):
+        if data == {}:
+            raise ValueError("an entry names at least one of mixtures, scales, seeds, algos")
+        return data
+
+
 class Grid(Section):
     mixtures: Annotated[list[str], Field(min_length=1)] = setting(help="mixtures of the grid")
     scales: Annotated[list[str], Field(min_length=1)] = setting(help="scales of the grid")
     seeds: Annotated[list[Count], Field(min_length=1)] = setting(help="model seeds")
     algos: Algos = setting(help="RL algorithms and their KL coefficients (none: pretraining only)", factory=Algos)
+    also: list[GridBlock] = setting(help="more products of cells, added to the grid's (a grid that is a union of "
+                                         "small products, e.g. a sweep of one setting beside the main study)",
+                                    factory=list)
     exclude: list[Exclude] = setting(help="cells left out: each entry matches the cells with all its coordinates",
                                      factory=list)
 
