@@ -37,7 +37,7 @@ lint: $(STAMP)
 	$(BIN)/snakefmt --check Snakefile rules/
 	$(BIN)/snakemake --lint
 	$(BIN)/snakemake --lint --configfile configs/paper.yaml
-	$(BIN)/snakemake --lint --configfile config.yaml configs/mini_paper.yaml
+	$(BIN)/snakemake --lint --configfile configs/mini_paper.yaml
 
 clean-results:
 	rm -rf results .snakemake

@@ -15,7 +15,7 @@ from echochamber import grid
 
 GOOD = yaml.safe_load((ROOT / "config.yaml").read_text())
 # The shipped configs as users pass them: the mini-paper is an overlay on config.yaml.
-SHIPPED = [(ROOT / "config.yaml",), (ROOT / "configs" / "paper.yaml",),
+SHIPPED = [(ROOT / "config.yaml",), (ROOT / "configs" / "paper.yaml",), (ROOT / "configs" / "mini_paper.yaml",),
            (ROOT / "config.yaml", ROOT / "configs" / "mini_paper.yaml")]
 
 
@@ -58,7 +58,7 @@ def test_configs_merge_as_snakemake_merges_them(tmp_path):
     assert merged["pretrain"]["threads"] == 1 and merged["pretrain"]["lr"] == GOOD["pretrain"]["lr"]  # dicts merge
     assert merged["grid"]["algos"] == GOOD["grid"]["algos"]
     # an overlay alone is not a config: the sentence names the missing key and how to give the overlay
-    with pytest.raises(ec_config.ConfigError, match="over.yaml.*required.*overlay.*--configfile config.yaml"):
+    with pytest.raises(ec_config.ConfigError, match="over.yaml.*required.*overlay.*extends.*--configfile config.yaml"):
         ec_config.load(over)
     # a whole config missing a nested key gets no overlay advice
     broken = copy.deepcopy(GOOD)
@@ -66,6 +66,33 @@ def test_configs_merge_as_snakemake_merges_them(tmp_path):
     with pytest.raises(ec_config.ConfigError) as e:
         ec_config.validate(broken)
     assert "d_model" in str(e.value) and "overlay" not in str(e.value)
+
+
+def test_an_overlay_that_names_its_base_is_a_config_on_its_own(tmp_path):
+    """configs/mini_paper.yaml says `extends: ../config.yaml`: given alone, or after config.yaml, it is the same
+    config to `echochamber validate`, findings and the workflow."""
+    mini = ROOT / "configs" / "mini_paper.yaml"
+    assert ec_config.bases([mini]) == [(ROOT / "config.yaml").resolve()]
+    assert ec_config.bases([ROOT / "config.yaml", mini]) == []        # the base is given already
+    assert ec_config.load(mini) == ec_config.load(ROOT / "config.yaml", mini)
+    plans = []
+    for files in ([str(mini)], [str(ROOT / "config.yaml"), str(mini)]):
+        out = snakemake("-n", "--configfile", *files, "--config", f"results={tmp_path / 'r'}", cwd=tmp_path)
+        plans.append(re.search(r"Job stats:.*?total\s+\d+", out.stdout + out.stderr, re.S).group(0))
+    assert plans[0] == plans[1] and re.search(r"\brl\s+22\b", plans[0]), plans[0]
+    # a chain of overlays, a missing base and a cycle
+    (tmp_path / "sub").mkdir()
+    write_config(tmp_path / "over.yaml", {"extends": str(ROOT / "config.yaml"), "results": "x"})
+    top = write_config(tmp_path / "sub" / "top.yaml", {"extends": "../over.yaml", "grid": {"seeds": [7]}})
+    cfg = ec_config.load(top)
+    assert (cfg["results"], cfg["grid"]["seeds"], cfg["pretrain"]["lr"]) == ("x", [7], GOOD["pretrain"]["lr"])
+    missing = write_config(tmp_path / "missing.yaml", {"extends": "nowhere.yaml"})
+    with pytest.raises(ec_config.ConfigError, match="missing.yaml: extends: 'nowhere.yaml' does not exist"):
+        ec_config.load(missing)
+    write_config(tmp_path / "a.yaml", {"extends": "b.yaml"})
+    write_config(tmp_path / "b.yaml", {"extends": "a.yaml"})
+    with pytest.raises(ec_config.ConfigError, match="a cycle"):
+        ec_config.load(tmp_path / "a.yaml")
 
 
 def test_the_mini_paper_plans_the_cells_its_figures_need():

@@ -154,4 +154,4 @@ def test_default_store_is_the_one_of_the_config_here(tmp_path, monkeypatch):
     from conftest import ROOT
 
     assert findings.default_db(ROOT / "config.yaml", ROOT / "configs" / "mini_paper.yaml") == \
-        findings.Path("results_mini_paper/echo.duckdb")
+        findings.Path("results_mini_paper/echo.duckdb") == findings.default_db(ROOT / "configs" / "mini_paper.yaml")

@@ -34,14 +34,41 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
 
 
+def bases(paths) -> list[Path]:
+    """The files the given configs overlay (their ``extends``, relative to the file, and those files' own),
+    base first, leaving out any file given itself: what is read before the given files."""
+    given = {Path(p).resolve() for p in paths}
+    found: list[Path] = []
+
+    def visit(path: Path, chain: tuple[Path, ...]) -> None:
+        data = _read_yaml(path)
+        extends = data.get("extends") if isinstance(data, dict) else None
+        if not extends:
+            return
+        base = (path.parent / str(extends)).resolve()
+        if base in chain:
+            raise ConfigError(f"{path}: extends: {extends!r} leads back to {path.name} (a cycle)")
+        if not base.exists():
+            raise ConfigError(f"{path}: extends: {extends!r} does not exist (the path is relative to {path.parent})")
+        visit(base, chain + (base,))
+        if base not in given and base not in found:
+            found.append(base)
+
+    for p in paths:
+        visit(Path(p), (Path(p).resolve(),))
+    return found
+
+
 def load(*paths: str | Path) -> dict:
     """The validated config of one file, or of several merged in order as ``snakemake --configfile A B``
-    merges them (Snakemake's own ``update_config``: nested keys of later files win, lists are replaced)."""
+    merges them (Snakemake's own ``update_config``: nested keys of later files win, lists are replaced),
+    after the files they overlay (``extends``), as the workflow reads them."""
     from snakemake.utils import update_config
 
-    config = _read_yaml(Path(paths[0]))
-    for path in paths[1:]:
-        update_config(config, _read_yaml(Path(path)) or {})
+    files = [*bases(paths), *map(Path, paths)]
+    config = _read_yaml(files[0])
+    for path in files[1:]:
+        update_config(config, _read_yaml(path) or {})
     validate(config, origin=" + ".join(str(p) for p in paths))
     return config
 
@@ -162,8 +189,8 @@ def validate(config: object, origin: str = "config") -> None:
     except pydantic.ValidationError as e:
         hint = ""
         if any(x["type"] == "missing" and len(x["loc"]) == 1 for x in e.errors()):
-            hint = ("; a file that sets only some top-level keys is an overlay: give the config it extends "
-                    "first, as in --configfile config.yaml configs/mini_paper.yaml")
+            hint = ("; a file that sets only some top-level keys is an overlay: name the config it extends in it "
+                    "(extends: ../config.yaml) or give that config first, as in --configfile config.yaml over.yaml")
         raise ConfigError(f"{origin}: {explain(e.errors())}{hint}") from None
     _check_references(config, origin)
     _check_stages(config, origin)

@@ -369,6 +369,8 @@ class Eval(EvalJob):
 class Config(Section):
     """The whole workflow config (config.yaml, configs/*.yaml)."""
     model_config = ConfigDict(title="echo-chamber configuration")
+    extends: str | None = setting(None, "the config this file overlays, relative to this file: it is read first and "
+                                        "this file's keys win (configs/mini_paper.yaml: ../config.yaml)")
     results: Annotated[str, Field(min_length=1)] = setting(help="folder that everything the workflow writes goes under")
     seed: Count = setting(help="global data seed; model seeds come from grid.seeds")
     data: Data = setting(help="the sources and the synthetic world")
