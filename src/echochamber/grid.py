@@ -103,7 +103,7 @@ def rl_cells(config: dict) -> list[RLCell]:
     cells = {}
     for b in blocks(config):
         for algo, spec in (b["algos"] or {}).items():
-            if spec is None:
+            if not spec:
                 continue
             for m, z, kl, s in itertools.product(b["mixtures"], b["scales"], spec["kl"], b["seeds"]):
                 cell = RLCell(m, z, algo, float(kl), int(s))
