@@ -292,36 +292,32 @@ class Algos(Section):
     ei: Algo | None = setting(None, "Expert Iteration cells (kl: [0])")
 
 
-class Exclude(Section):
+class Entry(Section):
+    """A list entry whose keys are all optional but which must name at least one of them."""
     model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_empty(cls, data):
+        if data == {}:
+            raise ValueError(f"an entry names at least one of {', '.join(cls.model_fields)}")
+        return data
+
+
+class Exclude(Entry):
     mixture: str | None = setting(None, "cells of this mixture")
     scale: str | None = setting(None, "cells of this scale")
     algo: Literal["ppo", "grpo", "ei"] | None = setting(None, "cells of this algorithm")
     kl: float | None = setting(None, "cells with this KL coefficient")
     seed: int | None = setting(None, "cells of this seed")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _not_empty(cls, data):
-        if data == {}:
-            raise ValueError("an entry names at least one of mixture, scale, algo, kl, seed")
-        return data
 
-
-class GridBlock(Section):
+class GridBlock(Entry):
     """One more product of cells; a key left out takes the main grid's value."""
-    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
     mixtures: Annotated[list[str], Field(min_length=1)] | None = setting(None, "mixtures of this block")
     scales: Annotated[list[str], Field(min_length=1)] | None = setting(None, "scales of this block")
     seeds: Annotated[list[Count], Field(min_length=1)] | None = setting(None, "model seeds of this block")
     algos: Algos | None = setting(None, "RL algorithms and KL coefficients of this block ({}: pretraining only)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _not_empty(cls, data):
-        if data == {}:
-            raise ValueError("an entry names at least one of mixtures, scales, seeds, algos")
-        return data
 
 
 class Grid(Section):
