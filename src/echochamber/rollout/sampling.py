@@ -53,11 +53,33 @@ def filter_logits(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         kth = scores.topk(top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, -math.inf)
     if top_p < 1.0:
+        nucleus = _top_p_within(scores, top_p, _NUCLEUS_CANDIDATES)
+        if nucleus is not None:
+            return nucleus
         sorted_scores, order = scores.sort(dim=-1, descending=True)
         probs = sorted_scores.softmax(dim=-1)
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # mass of the tokens ranked above
         scores = scores.masked_fill(torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted), -math.inf)
     return scores
+
+
+# A trained model's nucleus at top_p 0.95 is a few tokens: rank only this many first (a partial sort),
+# and sort the whole vocabulary only when some row's nucleus reaches beyond them.
+_NUCLEUS_CANDIDATES = 64
+
+
+def _top_p_within(scores: torch.Tensor, top_p: float, k: int) -> torch.Tensor | None:
+    """The top-p filter of ``scores`` when every row's nucleus lies within its ``k`` most likely tokens,
+    else None. Tokens ranked below ``k`` are then dropped: the mass above them is at least ``top_p``."""
+    if k >= scores.shape[-1]:
+        return None
+    values, order = scores.topk(k, dim=-1)  # sorted, descending
+    probs = (values - scores.logsumexp(dim=-1, keepdim=True)).exp()
+    above = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each candidate
+    if not bool((above[:, -1] + probs[:, -1] >= top_p).all()):
+        return None
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, above < top_p)
+    return scores.masked_fill(~keep, -math.inf)
 
 
 def sample_tokens(
