@@ -142,6 +142,31 @@ def test_small_shards_read_as_the_same_stream(world, tmp_path):
     assert np.array_equal(seqs[0], full[3 * 64:4 * 64]) and many.n_sequences(64) == many.n_tokens // 64
 
 
+@pytest.mark.parametrize("seq_len", [24, 64, 200])  # shorter than most documents, about one, several
+def test_document_windows_open_at_a_document_and_cover_the_stream(world, tmp_path, seq_len):
+    root, files, _, tok, _ = world
+    small = {src: tmp_path / f"small-{src}" for src in files}  # many shards: documents cross shard files
+    for src, path in files.items():
+        M.tokenize_source(src, path, tok, small[src], shard_tokens=300, batch_rows=7)
+    M.build("m", {"tg": 1.5, "omi2": 2}, small, tmp_path / "mix", seed=0)
+    stream, eos = M.TokenStream(tmp_path / "mix"), tok.eos_token_id
+    full = stream.read(0, stream.n_tokens)
+    docs = np.concatenate([[0], np.flatnonzero(full[:-1] == eos) + 1])
+    assert np.array_equal(stream.document_starts(eos), docs)
+    n = stream.n_sequences(seq_len)
+    starts = stream.document_windows(seq_len, eos)
+    assert len(starts) == n and starts.max() + seq_len <= stream.n_tokens
+    for i, start in enumerate(starts):
+        span = docs[(docs >= i * seq_len) & (docs < (i + 1) * seq_len)]
+        # the first document that begins inside the window's span (a span inside one document stays put),
+        # the last windows kept inside the stream
+        assert start == min(span[0] if len(span) else i * seq_len, stream.n_tokens - seq_len)
+        assert not len(span) or start == stream.n_tokens - seq_len or start == 0 or full[start - 1] == eos
+    seqs = stream.sequences([2, 0], seq_len, starts)
+    assert np.array_equal(seqs[0], full[starts[2]:starts[2] + seq_len])
+    assert np.array_equal(seqs[1], full[:seq_len])
+
+
 def test_missing_source_file_or_tokens_stop_with_one_sentence_naming_the_path(world, tmp_path):
     root, files, _, tok, tokens = world
     missing = tmp_path / "data" / "source=omi1" / "train.parquet"

@@ -198,6 +198,25 @@ def test_the_same_config_gives_the_same_numbers_and_the_seed_changes_them(world,
     assert runs[0]["loss"].tolist() != runs[2]["loss"].tolist()
 
 
+def test_document_windows_reach_the_trainer_and_stream_windows_keep_their_params(world, tmp_path, monkeypatch):
+    _, mix, tok, _ = world
+    cfg = {"pretrain": {}, "scales": {"s": TINY}, "grid": {"scales": ["s"]}}
+    assert "windows" not in P.settings(cfg, "s", 0)  # cells trained before the setting existed keep their params
+    cfg["pretrain"]["windows"] = "document_start"
+    assert P.settings(cfg, "s", 0)["windows"] == "document_start"
+    seen = []
+    read = M.TokenStream.sequences
+    monkeypatch.setattr(M.TokenStream, "sequences",
+                        lambda self, idx, L, starts=None: seen.append(starts) or read(self, idx, L, starts))
+    curves = [pd.read_parquet(Path(tmp_path / w) / "curve.parquet")
+              for w in ("stream", "document_start")
+              if P.run(settings(max_steps=4, windows=w), mix, tok, tmp_path / w, device="cpu", threads=1)]
+    assert seen[0] is None and seen[-1] is not None
+    stream = M.TokenStream(mix)
+    assert np.array_equal(seen[-1], stream.document_windows(64, stream.manifest["tokenizer"]["eos_id"]))
+    assert curves[0]["loss"].tolist() != curves[1]["loss"].tolist()
+
+
 def test_a_killed_run_resumes_and_ends_with_the_same_loss(world, reference, tmp_path, caplog):
     """SIGKILL the real process after its first save; the restart must resume and match exactly."""
     _, mix, tok, _ = world

@@ -2,8 +2,9 @@
 
 One cell (mixture x scale x seed) is one call of :func:`run`, launched by ``accelerate launch``:
 
-- data: the mixture's token stream cut into ``seq_len`` sequences; each epoch visits them in a seeded
-  permutation, and the position in the data is simply the step (so a restart needs nothing else);
+- data: the mixture's token stream cut into ``seq_len`` sequences (``windows: document_start``: each moved
+  forward to the first document beginning inside it); each epoch visits them in a seeded permutation,
+  and the position in the data is simply the step (so a restart needs nothing else);
 - a step consumes ``batch_size`` sequences: each process takes ``micro_batch_size`` of them per
   micro-step, for ``batch_size / (micro_batch_size * processes)`` accumulated micro-steps, so any
   process count sees the same global batch and gives the same loss curve within float tolerance;
@@ -67,6 +68,8 @@ def settings(config: dict, scale: str, seed: int) -> dict:
     the seed. The runtime keys (JOB_KEYS: processes, GPUs, threads, micro-batch size, save cadence) are
     left out: they only change how the same global batch is computed, so editing them reruns nothing."""
     p = ec_settings.identity(section(config, scale))
+    if p["windows"] == "stream":  # the behaviour from before the setting existed: those cells keep their params
+        del p["windows"]
     return {**p, "scale": dict(config["scales"][scale]), "scale_name": scale, "seed": int(seed)}
 
 
@@ -307,6 +310,9 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
         if n_seq < B:
             raise PretrainError(f"mixture {mixture_dir} holds {n_seq} sequences of {L} tokens, fewer than "
                                 f"one batch (pretrain.batch_size {B})")
+        starts = None
+        if s.get("windows", "stream") == "document_start":
+            starts = stream.document_windows(L, tok.eos_token_id)
         slices = micro_slices(B, s["micro_batch_size"], world, rank)
         steps = total_steps(s, n_seq)
 
@@ -351,7 +357,7 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
         while step < steps:
             t0 = time.perf_counter()
             idx = order.indices(step * B, B)
-            micro = [torch.from_numpy(stream.sequences(idx[sl], L)).to(accelerator.device, non_blocking=True)
+            micro = [torch.from_numpy(stream.sequences(idx[sl], L, starts)).to(accelerator.device, non_blocking=True)
                      for sl in slices]
             loss, grad_norm, lr = trainer.step(micro)
             loss, grad_norm = float(loss.item()), float(grad_norm.item())

@@ -28,6 +28,7 @@ TopP = Annotated[float, Field(gt=0, le=1)]
 Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
 Precision = Literal["fp32", "bf16"]
 Split = Literal["train", "test", "hard"]
+Windows = Literal["stream", "document_start"]
 KlEstimator = Literal["k1", "k2", "k3"]
 SourceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9]+$")]
 MixtureName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$")]
@@ -169,6 +170,9 @@ class Pretrain(Section):
                                              "a multiple of micro_batch_size x processes", runtime=True)
     epochs: PositiveFloat = setting(1.0, "passes over the mixture's sequences")
     max_steps: Positive | None = setting(None, "optimizer steps, in place of epochs (null: epochs decide)")
+    windows: Windows = setting("stream", "where training sequences start: stream (the mixture cut into equal "
+                                         "pieces, as OLMo packs) or document_start (each at a document's "
+                                         "first token, so no solution is cut from its question)")
     lr: NonNegative = setting(3.0e-3, "peak learning rate")
     weight_decay: NonNegative = setting(0.1, "AdamW weight decay (matrices except the input embedding)")
     betas: Pair = setting([0.9, 0.95], "AdamW betas")

@@ -321,7 +321,35 @@ class TokenStream:
             seg += 1
         return out
 
-    def sequences(self, indices, seq_len: int) -> np.ndarray:
-        """The sequences with these indices, as an int64 array of shape (len(indices), seq_len)."""
-        return np.stack([self.read(int(i) * seq_len, seq_len) for i in indices]) if len(indices) else \
-            np.zeros((0, seq_len), dtype=np.int64)
+    def sequences(self, indices, seq_len: int, starts: np.ndarray | None = None) -> np.ndarray:
+        """The sequences with these indices, as an int64 array of shape (len(indices), seq_len).
+
+        Sequence ``i`` starts at token ``i * seq_len`` (the stream cut into equal pieces), or at
+        ``starts[i]`` when given (:meth:`document_windows`)."""
+        if not len(indices):
+            return np.zeros((0, seq_len), dtype=np.int64)
+        at = (lambda i: int(starts[i])) if starts is not None else (lambda i: i * seq_len)
+        return np.stack([self.read(at(int(i)), seq_len) for i in indices])
+
+    def document_starts(self, eos_id: int) -> np.ndarray:
+        """Token offset of every document in the stream (the first token, and each token after an EOS)."""
+        after_eos = [np.flatnonzero(np.asarray(seg) == eos_id) + 1 + start
+                     for seg, start in zip(self._segments, self._starts[:-1])]
+        starts = np.concatenate([[0], *after_eos]).astype(np.int64)
+        return starts[starts < self.n_tokens]
+
+    def document_windows(self, seq_len: int, eos_id: int) -> np.ndarray:
+        """Where each of the :meth:`n_sequences` windows starts when windows begin at documents.
+
+        Window ``i`` covers ``[i * seq_len, (i + 1) * seq_len)`` of the stream, moved forward to the first
+        document that begins inside that span, so no window opens in the middle of a document (the
+        document cut at its end is not continued in the next window); a span inside one long document,
+        where none begins, stays where it is. The last windows are kept within the stream.
+        """
+        n = self.n_sequences(seq_len)
+        docs = self.document_starts(eos_id)
+        base = np.arange(n, dtype=np.int64) * seq_len
+        j = np.searchsorted(docs, base)
+        first = docs[np.minimum(j, len(docs) - 1)]
+        inside = (j < len(docs)) & (first < base + seq_len)
+        return np.minimum(np.where(inside, first, base), self.n_tokens - seq_len)
