@@ -212,20 +212,22 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
     assert torch.equal(out[torch.isfinite(out)], PROBS.log()[torch.isfinite(out)])
 
 
-@pytest.mark.parametrize("spread", [0.5, 3.0, 8.0])  # flat rows need the full sort, peaked ones do not
+@pytest.mark.parametrize("spread", [8.0, 12.0, 20.0])  # logits of a trained model: a few tokens hold the mass
 def test_top_p_over_a_large_vocabulary_keeps_the_same_nucleus_as_a_full_sort(spread, monkeypatch):
     from echochamber.rollout import sampling
 
-    scores = torch.randn(64, 1024, generator=torch.Generator().manual_seed(1)) * spread
-    scores[::7] = 0.0  # every 7th row uniform: its nucleus is most of the vocabulary
-    scores[3, [5, 9]] = 4.0  # a tie at the top
-    fast = filter_logits(scores, top_p=0.95)
+    peaked = torch.randn(64, 1024, generator=torch.Generator().manual_seed(1)) * spread
+    peaked[3, [5, 9]] = peaked[3].max() + 1.0  # a tie at the top
+    mixed = peaked.clone()
+    mixed[::7] = 0.0  # every 7th row uniform: its nucleus is most of the vocabulary
+    assert sampling._top_p_within(peaked, 0.95, 64) is not None  # the partial ranking decides these
+    assert sampling._top_p_within(mixed, 0.95, 64) is None  # these need the full sort
+    fast = [filter_logits(x, top_p=0.95) for x in (peaked, mixed)]
     monkeypatch.setattr(sampling, "_NUCLEUS_CANDIDATES", 1 << 20)  # never rank partially: always sort
-    full = filter_logits(scores, top_p=0.95)
-    assert torch.equal(torch.isfinite(fast), torch.isfinite(full))
-    assert torch.equal(fast[torch.isfinite(fast)], scores[torch.isfinite(fast)])
-    peaked = torch.randn(6, 1024, generator=torch.Generator().manual_seed(2)) * 12  # nuclei of a few tokens
-    assert sampling._top_p_within(peaked, 0.95, 64) is not None
+    for x, out in zip((peaked, mixed), fast):
+        full = filter_logits(x, top_p=0.95)
+        assert torch.equal(torch.isfinite(out), torch.isfinite(full))
+        assert torch.equal(out[torch.isfinite(out)], x[torch.isfinite(out)])
 
 
 def test_top_k_then_top_p():
