@@ -3,8 +3,9 @@
 Pretraining passes :func:`launch_args` to ``accelerate launch`` (it picks its device itself). An RL job
 starts with ``python -m echochamber.launch ... SCRIPT ARGS``, which decides on the node that runs it
 whether a GPU is there (``--cpu`` otherwise) and then replaces itself with ``accelerate launch``; a job
-of one process runs the script in its own interpreter instead (:func:`in_process`), because the
-launcher adds nothing there but two interpreter start-ups (7 s of a 50 s RL job on a 2-core CPU).
+of one process runs the script in this interpreter instead: ``Accelerator`` makes a single-process state
+by itself and the script sets its own precision and threads, so the launcher would only add two
+interpreter start-ups (README: the timing).
 Nothing here imports torch at module level, so the workflow can import it cheaply.
 """
 
@@ -50,12 +51,6 @@ def rl_command(script: str, script_args: list[str], *, processes: int, port: int
             script, *script_args]
 
 
-def in_process(processes: int) -> bool:
-    """Whether a job runs its script in this interpreter: one process needs no launcher (``Accelerator``
-    makes a single-process state by itself, and the script sets its own precision and threads)."""
-    return int(processes) == 1
-
-
 def cuda_available() -> bool:
     import torch
 
@@ -71,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("script")
     ap.add_argument("script_args", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
-    if in_process(a.processes):
+    if a.processes == 1:  # no launcher needed (module docstring)
         import runpy
 
         sys.argv = [a.script, *a.script_args]

@@ -328,8 +328,8 @@ class TokenStream:
         ``starts[i]`` when given (:meth:`document_windows`)."""
         if not len(indices):
             return np.zeros((0, seq_len), dtype=np.int64)
-        at = (lambda i: int(starts[i])) if starts is not None else (lambda i: i * seq_len)
-        return np.stack([self.read(at(int(i)), seq_len) for i in indices])
+        offsets = starts[indices] if starts is not None else np.asarray(indices, dtype=np.int64) * seq_len
+        return np.stack([self.read(int(o), seq_len) for o in offsets])
 
     def document_starts(self, eos_id: int) -> np.ndarray:
         """Token offset of every document in the stream (the first token, and each token after an EOS)."""

@@ -75,9 +75,10 @@ def _top_p_within(scores: torch.Tensor, top_p: float, k: int) -> torch.Tensor | 
         return None
     values, order = scores.topk(k, dim=-1)  # sorted, descending
     probs = (values - scores.logsumexp(dim=-1, keepdim=True)).exp()
-    above = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each candidate
-    if not bool((above[:, -1] + probs[:, -1] >= top_p).all()):
+    mass = probs.cumsum(dim=-1)
+    if not bool((mass[:, -1] >= top_p).all()):
         return None
+    above = mass - probs  # mass of the tokens ranked above each candidate
     keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, above < top_p)
     return scores.masked_fill(~keep, -math.inf)
 
