@@ -92,12 +92,12 @@ def attempt(label: str, fn, *args):
         return None
 
 
-def engine_error(model, compile: bool) -> float:
+def engine_error(model, compile: bool, layout: str) -> float:
     """Sample with the engine (model's dtype) on prompts of different lengths; compare with an HF forward."""
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in (5, 17, 9, 30, 1, 12, 23, 3)]
-    engine = RolloutEngine(model, eos_id=vocab, pad_id=PAD, compile=compile, dtype=model.dtype)
+    engine = RolloutEngine(model, eos_id=vocab, pad_id=PAD, compile=compile, dtype=model.dtype, kv_layout=layout)
     gen = torch.Generator(device=model.device).manual_seed(0)
     batch = engine.generate(prompts, SamplingParams(max_new_tokens=32, temperature=0.7), generator=gen)
     return logprob_error(model, batch)
@@ -107,9 +107,9 @@ def check_cuda(scale: str) -> None:
     """The engine on CUDA (graphs included) against an HF forward, in fp32 and in bf16."""
     for dtype in (torch.float32, torch.bfloat16):
         model = build_model(scale, "cuda", dtype)
-        for compile in (False, True):
-            label = f"check {dtype!s:14s} compile={compile!s:5s}:"
-            err = attempt(label, engine_error, model, compile)
+        for compile, layout in ((False, "rows"), (True, "rows"), (True, "blocks")):
+            label = f"check {dtype!s:14s} compile={compile!s:5s} {layout + ' cache:':12s}"
+            err = attempt(label, engine_error, model, compile, layout)
             if err is not None:
                 print(f"{label} max |logprob - HF forward| = {err:.2e}", flush=True)
         del model
@@ -133,10 +133,25 @@ def bench_scale(scale: str, args) -> dict[str, float | None]:
     engines = {"ours, eager": RolloutEngine(model, eos_id=no_eos, pad_id=PAD)}
     if args.device == "cuda":
         engines["ours, CUDA graphs"] = RolloutEngine(model, eos_id=no_eos, pad_id=PAD, compile=True)
+        engines["ours, CUDA graphs, blocked cache"] = RolloutEngine(model, eos_id=no_eos, pad_id=PAD, compile=True,
+                                                                    kv_layout="blocks")
     else:  # bf16 matmuls run at twice the fp32 rate on CPUs with AVX512-BF16 / AMX
         engines["ours, bf16 (not exact)"] = RolloutEngine(model, eos_id=no_eos, pad_id=PAD, dtype=torch.bfloat16)
     for name, engine in engines.items():
         runs[name] = lambda engine=engine: engine.generate(prompts, params, generator=gen)
+    if args.device == "cuda" and args.sdpa_backends:  # the row cache's attention pinned to each SDPA kernel
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+            engine = RolloutEngine(model, eos_id=no_eos, pad_id=PAD, compile=True)
+            name = f"ours, CUDA graphs, SDPA {backend.name}"
+            engines[name] = engine
+
+            def pinned(engine=engine, backend=backend):
+                with sdpa_kernel([backend]):  # graphs are captured on the first call, inside this
+                    return engine.generate(prompts, params, generator=gen)
+
+            runs[name] = pinned
 
     warm = SamplingParams(max_new_tokens=min(8, args.new_tokens), temperature=0.7)
     hf_generate(model, prompts[:2], warm, eos_id=no_eos, pad_id=PAD)
@@ -160,7 +175,22 @@ def bench_scale(scale: str, args) -> dict[str, float | None]:
             ok[name] = seconds is not None
             if ok[name]:
                 best[name], spent[name] = min(best[name], seconds), spent[name] + seconds
+    if args.profile and ok.get("ours, CUDA graphs"):
+        profile(runs["ours, CUDA graphs"])
     return {name: tokens / best[name] if ok[name] else None for name in runs}
+
+
+def profile(fn) -> None:
+    """Where one call's time goes: the CUDA kernels (graph replays included) and the host-side ops."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    print(averages.table(sort_by="device_time_total", row_limit=15, max_name_column_width=60), flush=True)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
 
 
 def main() -> None:
@@ -174,6 +204,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: robust on a shared machine)")
     parser.add_argument("--budget-s", type=float, default=30.0, help="repeat a run while its total stays below this")
     parser.add_argument("--skip-check", action="store_true", help="CUDA: skip the correctness check")
+    parser.add_argument("--profile", action="store_true", help="CUDA: profile one call of the CUDA-graph engine")
+    parser.add_argument("--sdpa-backends", action="store_true", help="CUDA: also time the engine with each SDPA kernel")
     args = parser.parse_args()
     scales, batch, prompt_len, new_tokens = DEFAULTS[args.device]
     args.scale = args.scale or scales

@@ -91,25 +91,27 @@ def frequent_token(batch: RolloutBatch) -> int:
     return int(rows_with.argmax())
 
 
+@pytest.mark.parametrize("layout", ["blocks", "rows"], ids=["blocked cache", "row cache"])
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "fixed-shape step"])
-def test_greedy_equals_hf_generate(model, compile):
+def test_greedy_equals_hf_generate(model, compile, layout):
     ref = hf_generate(model, PROMPTS, GREEDY, eos_id=NO_EOS, pad_id=PAD)
-    ours = RolloutEngine(model, eos_id=NO_EOS, pad_id=PAD, compile=compile).generate(PROMPTS, GREEDY)
+    ours = RolloutEngine(model, eos_id=NO_EOS, pad_id=PAD, compile=compile, kv_layout=layout).generate(PROMPTS, GREEDY)
     assert_same(ours, ref)
     assert ours.response_ids.shape == (len(PROMPTS), GREEDY.max_new_tokens)
     assert ours.truncated.all()
 
 
+@pytest.mark.parametrize("layout", ["blocks", "rows"], ids=["blocked cache", "row cache"])
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "fixed-shape step"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_eos_stops_each_row(tied, compile):
+def test_eos_stops_each_row(tied, compile, layout):
     """Rows stop at their own EOS; most stop early, so the cache is compacted on the way."""
     model = tiny_olmo(tied, vocab=24)
     params = SamplingParams(max_new_tokens=24, greedy=True)
     prompts = make_prompts(24, [4, 11, 7, 2, 15, 6, 9, 3, 5, 8], seed=2)
     eos = frequent_token(hf_generate(model, prompts, params, eos_id=NO_EOS, pad_id=PAD))
     ref = hf_generate(model, prompts, params, eos_id=eos, pad_id=PAD)
-    ours = RolloutEngine(model, eos_id=eos, pad_id=PAD, compile=compile).generate(prompts, params)
+    ours = RolloutEngine(model, eos_id=eos, pad_id=PAD, compile=compile, kv_layout=layout).generate(prompts, params)
     assert_same(ours, ref)
     stopped = ~ours.truncated
     assert stopped.sum() > len(prompts) // 2
@@ -120,13 +122,14 @@ def test_eos_stops_each_row(tied, compile):
         assert not (ours.response_ids[row, : length - 1] == eos).any()
 
 
+@pytest.mark.parametrize("layout", ["blocks", "rows"], ids=["blocked cache", "row cache"])
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "fixed-shape step"])
-def test_logprobs_match_full_forward(compile):
+def test_logprobs_match_full_forward(compile, layout):
     """Sampling with top-k/top-p; a small vocabulary makes EOS frequent, so rows stop and are compacted."""
     model = tiny_olmo(tied=False, vocab=24)
     prompts = make_prompts(24, [3, 8, 1, 5, 12, 4, 7, 2, 9, 6])
     params = SamplingParams(max_new_tokens=40, temperature=0.9, top_p=0.95, top_k=20)
-    engine = RolloutEngine(model, eos_id=5, pad_id=PAD, compile=compile)
+    engine = RolloutEngine(model, eos_id=5, pad_id=PAD, compile=compile, kv_layout=layout)
     batch = engine.generate(prompts, params, generator=torch.Generator().manual_seed(3))
     assert (~batch.truncated).sum() > len(prompts) // 2
     torch.testing.assert_close(batch.logprobs, full_forward_logprobs(model, batch), atol=1e-4, rtol=0)
@@ -188,6 +191,11 @@ def test_refresh_sees_in_place_updates():
     after = engine.generate(PROMPTS, GREEDY)
     assert not torch.equal(after.response_ids, before.response_ids)
     assert_same(after, hf_generate(model, PROMPTS, GREEDY, eos_id=NO_EOS, pad_id=PAD))
+
+
+def test_unknown_kv_layout_is_refused(model):
+    with pytest.raises(ValueError, match="kv_layout"):
+        RolloutEngine(model, eos_id=NO_EOS, pad_id=PAD, kv_layout="paged")
 
 
 def test_max_len_is_enforced(model):
@@ -254,11 +262,12 @@ def test_temperature_sharpens():
     assert torch.allclose(counts / 40_000.0, expected, atol=0.01)
 
 
-def test_bf16_engine_tracks_the_bf16_model():
-    """The bf16 path (the CUDA default) with fixed buffers, on CPU: log-probs near a bf16 HF forward."""
+@pytest.mark.parametrize("layout", ["blocks", "rows"], ids=["blocked cache", "row cache"])
+def test_bf16_engine_tracks_the_bf16_model(layout):
+    """The bf16 path (the CUDA default: row cache) with fixed buffers, on CPU: log-probs near a bf16 HF forward."""
     model = tiny_olmo(tied=False).to(torch.bfloat16)
     params = SamplingParams(max_new_tokens=16, temperature=0.7)
-    engine = RolloutEngine(model, eos_id=NO_EOS, pad_id=PAD, compile=True, dtype=torch.bfloat16)
+    engine = RolloutEngine(model, eos_id=NO_EOS, pad_id=PAD, compile=True, dtype=torch.bfloat16, kv_layout=layout)
     batch = engine.generate(PROMPTS, params, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(batch.logprobs, full_forward_logprobs(model, batch), atol=0.05, rtol=0)
 

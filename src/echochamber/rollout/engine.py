@@ -2,7 +2,7 @@
 
 ``RolloutEngine`` copies the weights of a ``transformers`` ``OlmoForCausalLM`` (q/k/v and gate/up fused)
 and runs its own forward pass: a prefill of the left-padded prompts, then one token per step over a
-preallocated KV cache ``[layers, 2, blocks, rows, kv_heads, _BLOCK, head_dim]``. Position ids start at 0
+preallocated KV cache (``_BlockedCache`` on CPU, ``_RowCache`` on CUDA). Position ids start at 0
 at each prompt's first real token, exactly as ``generate`` derives them from the attention mask, so in
 fp32 greedy decoding equals ``hf_generate`` token for token. Rows stop independently at EOS (finished
 rows emit pad); once at most half of the rows still run, the cache is compacted to the running rows.
@@ -134,6 +134,125 @@ class _Weights:
                 self.o_bias[i].copy_(att.o_proj.bias)
 
 
+class _BlockedCache:
+    """KV cache ``[layers, 2, blocks, rows, kv_heads, _BLOCK, head_dim]`` (the CPU default): attention over
+    the filled blocks reads one contiguous region (on CPU a strided ``[rows, heads, :t]`` slice of a longer
+    buffer reads 3x slower), as batched matmuls with an additive fp32 bias ``[blocks, rows, _BLOCK]``."""
+
+    def __init__(self, layers: int, rows: int, blocks: int, heads: int, kv_heads: int, head_dim: int, dtype, device):
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        shape = (layers, 2, blocks, rows, kv_heads, _BLOCK, head_dim)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)  # masked slots must be finite
+        self.bias = torch.full((blocks, rows, _BLOCK), -math.inf, device=device)
+        self.rows, self.blocks = rows, blocks
+
+    def set_prompts(self, mask: torch.Tensor) -> None:
+        """Rows ``:b`` see exactly their prompts' real tokens."""
+        b, p = mask.shape
+        self.bias[:, :b] = -math.inf
+        self.bias[: _blocks(p), :b] = _to_blocks(torch.where(mask, 0.0, -math.inf), _blocks(p), -math.inf)
+
+    def fill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The prompts' keys and values [b, p, kv_heads, head_dim]."""
+        b, blocks = k.shape[0], _blocks(k.shape[1])
+        self.kv[layer, 0, :blocks, :b] = _to_blocks(k, blocks, 0.0).transpose(2, 3)
+        self.kv[layer, 1, :blocks, :b] = _to_blocks(v, blocks, 0.0).transpose(2, 3)
+
+    def locate(self, n: int, write: int | torch.Tensor):
+        """Make position ``write`` visible to rows ``:n``; return where ``store`` writes it. ``write`` is an
+        int (eager: plain slices) or a 0-dim tensor (graph path: index ops, since replays change it)."""
+        if isinstance(write, int):
+            block, offset = divmod(write, _BLOCK)
+            self.bias[block, :n, offset] = 0.0
+            return block, offset
+        # flat index of (block, row, [kv head,] offset) in the bias and in one layer's keys
+        slot = write // _BLOCK * self.rows + torch.arange(n, device=self.bias.device)
+        self.bias.view(-1).index_fill_(0, slot * _BLOCK + write % _BLOCK, 0.0)
+        heads = torch.arange(self.kv_heads, device=self.bias.device)
+        return ((slot[:, None] * self.kv_heads + heads) * _BLOCK + write % _BLOCK).view(-1)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, at) -> None:
+        """One new position's keys and values [n, 1, kv_heads, head_dim] at ``locate``'s place."""
+        n = k.shape[0]
+        for cache, x in zip(self.kv[layer], (k, v)):
+            if isinstance(at, tuple):
+                cache[at[0], :n, :, at[1]] = x.reshape(n, self.kv_heads, self.head_dim)
+            else:
+                cache.view(-1, self.head_dim).index_copy_(0, at, x.reshape(-1, self.head_dim))
+
+    def attend(self, layer: int, q: torch.Tensor, n: int, blocks: int) -> torch.Tensor:
+        """Attention of one query per row [n, 1, heads, head_dim] over the first ``blocks`` blocks."""
+        keys, values = self.kv[layer, 0, :blocks, :n], self.kv[layer, 1, :blocks, :n]
+        bias = self.bias[:blocks, :n, None, None, :]  # [blocks, n, 1, 1, _BLOCK]
+        q = q.view(n, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # grouped by kv head
+        scores = torch.add(bias, torch.matmul(q, keys.transpose(-1, -2)).float(), alpha=self.head_dim**-0.5)
+        weights = (scores - scores.amax(dim=(0, 4), keepdim=True)).exp_()  # softmax over blocks x offsets
+        out = torch.matmul(weights.to(values.dtype), values).float().sum(dim=0)
+        out = out / weights.sum(dim=(0, 4))[..., None]
+        return out.to(q.dtype).view(n, 1, self.heads, self.head_dim)
+
+    def compact(self, keep: torch.Tensor, blocks: int) -> None:
+        """Move rows ``keep`` to the front (their first ``blocks`` blocks)."""
+        self.kv[:, :, :blocks, : keep.shape[0]] = self.kv[:, :, :blocks, keep]
+        self.bias[:blocks, : keep.shape[0]] = self.bias[:blocks, keep]
+
+
+class _RowCache:
+    """KV cache ``[layers, 2, rows, kv_heads, blocks * _BLOCK, head_dim]`` (the CUDA default): each row and
+    head holds its positions in one contiguous run, so attention over the filled prefix is a strided slice
+    that ``scaled_dot_product_attention`` reads in one fused kernel, masked by ``visible`` [rows, positions]."""
+
+    def __init__(self, layers: int, rows: int, blocks: int, heads: int, kv_heads: int, head_dim: int, dtype, device):
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        shape = (layers, 2, rows, kv_heads, blocks * _BLOCK, head_dim)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)  # masked slots must be finite
+        self.visible = torch.zeros(rows, blocks * _BLOCK, dtype=torch.bool, device=device)
+        self.rows, self.blocks = rows, blocks
+
+    def set_prompts(self, mask: torch.Tensor) -> None:
+        b, p = mask.shape
+        self.visible[:b] = False
+        self.visible[:b, :p] = mask
+
+    def fill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        b, p = k.shape[:2]
+        self.kv[layer, 0, :b, :, :p] = k.transpose(1, 2)
+        self.kv[layer, 1, :b, :, :p] = v.transpose(1, 2)
+
+    def locate(self, n: int, write: int | torch.Tensor):
+        if isinstance(write, int):
+            self.visible[:n, write] = True
+            return write
+        at = write.view(1)
+        self.visible[:n].index_fill_(1, at, True)
+        return at
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, at) -> None:
+        n = k.shape[0]
+        for cache, x in zip(self.kv[layer], (k, v)):
+            x = x.reshape(n, self.kv_heads, 1, self.head_dim)
+            if isinstance(at, int):
+                cache[:n, :, at : at + 1] = x
+            else:
+                cache[:n].index_copy_(2, at, x)
+
+    def attend(self, layer: int, q: torch.Tensor, n: int, blocks: int) -> torch.Tensor:
+        t = blocks * _BLOCK
+        keys, values = self.kv[layer, 0, :n, :, :t], self.kv[layer, 1, :n, :, :t]
+        # the query heads that share a kv head are its "query positions": one kernel, no repeated keys
+        q = q.view(n, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.visible[:n, None, None, :t])
+        return out.reshape(n, 1, self.heads, self.head_dim)
+
+    def compact(self, keep: torch.Tensor, blocks: int) -> None:
+        t = blocks * _BLOCK
+        self.kv[:, :, : keep.shape[0], :, :t] = self.kv[:, :, keep, :, :t]
+        self.visible[: keep.shape[0]] = self.visible[keep]
+
+
+KV_LAYOUTS = {"blocks": _BlockedCache, "rows": _RowCache}
+
+
 class _StepRunner:
     """Runs the decode step on fixed input buffers: on CUDA one captured graph per (rows, blocks).
 
@@ -184,11 +303,10 @@ class _StepRunner:
 class RolloutEngine:
     """Batched sampling from an ``OlmoForCausalLM`` with our own forward and preallocated KV cache.
 
-    The cache is ``[layers, 2, blocks, rows, kv_heads, _BLOCK, head_dim]``: positions come in blocks of
-    ``_BLOCK``, so attention over the filled blocks reads one contiguous region (on CPU a strided
-    ``[rows, heads, :t]`` slice of a longer buffer reads 3x slower). ``max_len`` caps prompt + response
-    length (default: whatever each call needs). ``compile`` runs the decode step on fixed buffers,
-    captured as CUDA graphs on CUDA. ``dtype`` defaults to bf16 on CUDA and the model's dtype elsewhere.
+    ``kv_layout`` picks the KV cache: ``"blocks"`` (``_BlockedCache``, the CPU default) or ``"rows"``
+    (``_RowCache``, the CUDA default); both attend over whole blocks of ``_BLOCK`` positions and give the
+    same tokens. ``max_len`` caps prompt + response length (default: whatever each call needs). ``compile``
+    runs the decode step on fixed buffers, captured as CUDA graphs on CUDA. ``dtype`` defaults to bf16 on CUDA and the model's dtype elsewhere.
     Call ``refresh`` after the optimizer has changed the model.
     """
 
@@ -201,6 +319,7 @@ class RolloutEngine:
         max_len: int | None = None,
         compile: bool = False,
         dtype: torch.dtype | None = None,
+        kv_layout: str | None = None,
     ):
         cfg = model.config
         if cfg.hidden_act != "silu":
@@ -212,9 +331,12 @@ class RolloutEngine:
         self.dtype = dtype or default
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, _head_dim(cfg)
         self.compile = compile
+        kv_layout = kv_layout or ("rows" if self.device.type == "cuda" else "blocks")
+        if kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {sorted(KV_LAYOUTS)}, not {kv_layout!r}")
+        self.kv_layout = KV_LAYOUTS[kv_layout]
         self.weights = _Weights(model, self.dtype)
-        self.cache: torch.Tensor | None = None
-        self.bias: torch.Tensor | None = None  # [blocks, rows, _BLOCK]: 0 for real tokens, -inf elsewhere
+        self.cache: _BlockedCache | _RowCache | None = None
         self.runner: _StepRunner | None = None
 
     def refresh(self) -> None:
@@ -296,8 +418,7 @@ class RolloutEngine:
         new_rows[:n_live] = rows[keep]
         new_tokens = torch.full((n,), self.pad_id, dtype=torch.long, device=self.device)
         new_tokens[:n_live] = tokens[keep]
-        self.cache[:, :, :blocks, :n_live] = self.cache[:, :, :blocks, keep]
-        self.bias[:blocks, :n_live] = self.bias[:blocks, keep]
+        self.cache.compact(keep, blocks)
         return new_rows, new_tokens
 
     def _reserve(self, rows: int, length: int) -> None:
@@ -306,13 +427,12 @@ class RolloutEngine:
             raise ValueError(f"prompt + max_new_tokens = {length} exceeds the engine's max_len {self.max_len}")
         blocks = _blocks(max(length, self.max_len or 0))
         if self.cache is not None:
-            if self.cache.shape[3] >= rows and self.cache.shape[2] >= blocks:
+            if self.cache.rows >= rows and self.cache.blocks >= blocks:
                 return
-            rows, blocks = max(rows, self.cache.shape[3]), max(blocks, self.cache.shape[2])
+            rows, blocks = max(rows, self.cache.rows), max(blocks, self.cache.blocks)
         self.cache = self.runner = None  # free the old buffers first
-        shape = (self.config.num_hidden_layers, 2, blocks, rows, self.kv_heads, _BLOCK, self.head_dim)
-        self.cache = torch.zeros(shape, dtype=self.dtype, device=self.device)  # masked slots must be finite
-        self.bias = torch.full((blocks, rows, _BLOCK), -math.inf, device=self.device)
+        self.cache = self.kv_layout(self.config.num_hidden_layers, rows, blocks, self.heads, self.kv_heads,
+                                    self.head_dim, self.dtype, self.device)
         self.cos, self.sin = _rope_tables(self.config, blocks * _BLOCK, self.device)
         self.runner = _StepRunner(self, rows) if self.compile else None
 
@@ -321,17 +441,14 @@ class RolloutEngine:
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Run the prompts, fill the cache, return fp32 logits at the last position [b, vocab]."""
         b, p = ids.shape
-        blocks = _blocks(p)
         positions = position_ids(mask)
-        self.bias[:, :b] = -math.inf
-        self.bias[:blocks, :b] = _to_blocks(torch.where(mask, 0.0, -math.inf), blocks, -math.inf)
+        self.cache.set_prompts(mask)
         causal = torch.ones(p, p, dtype=torch.bool, device=self.device).tril()
         # a padding query sees only itself, so no row of the softmax is empty
         attn_mask = ((causal & mask[:, None, :]) | torch.eye(p, dtype=torch.bool, device=self.device))[:, None]
 
         def attend(layer, q, k, v):  # [b, p, heads, head_dim]
-            self.cache[layer, 0, :blocks, :b] = _to_blocks(k, blocks, 0.0).transpose(2, 3)
-            self.cache[layer, 1, :blocks, :b] = _to_blocks(v, blocks, 0.0).transpose(2, 3)
+            self.cache.fill(layer, k, v)
             groups = self.heads // self.kv_heads
             k, v = (x.repeat_interleave(groups, dim=2) if groups > 1 else x for x in (k, v))
             q, k, v = (x.transpose(1, 2) for x in (q, k, v))
@@ -349,42 +466,14 @@ class RolloutEngine:
     def _step(self, tokens, positions, write: int | torch.Tensor, blocks: int) -> torch.Tensor:
         """One decode step: cache position ``write`` gets the new keys and values, and attention reads the
         first ``blocks`` blocks. ``write`` is an int, or a 0-dim tensor on the graph path (replays change it)."""
-        n, rows = tokens.shape[0], self.cache.shape[3]
-        if isinstance(write, int):  # eager: plain slices
-            block, offset = divmod(write, _BLOCK)
-            self.bias[block, :n, offset] = 0.0
-
-            def store(cache, x):
-                cache[block, :n, :, offset] = x.view(n, self.kv_heads, self.head_dim)
-
-        else:  # flat index of (block, row, [kv head,] offset) in the bias and in one layer's keys
-            slot = write // _BLOCK * rows + torch.arange(n, device=self.device)
-            self.bias.view(-1).index_fill_(0, slot * _BLOCK + write % _BLOCK, 0.0)
-            heads = torch.arange(self.kv_heads, device=self.device)
-            kv_slots = ((slot[:, None] * self.kv_heads + heads) * _BLOCK + write % _BLOCK).view(-1)
-
-            def store(cache, x):
-                cache.view(-1, self.head_dim).index_copy_(0, kv_slots, x.reshape(-1, self.head_dim))
-
-        bias = self.bias[:blocks, :n, None, None, :]  # [blocks, n, 1, 1, _BLOCK]
+        n = tokens.shape[0]
+        at = self.cache.locate(n, write)
 
         def attend(layer, q, k, v):  # [n, 1, heads, head_dim]
-            keys, values = self.cache[layer, 0], self.cache[layer, 1]
-            store(keys, k)
-            store(values, v)
-            return self._attend_blocks(q, keys[:blocks, :n], values[:blocks, :n], bias)
+            self.cache.store(layer, k, v, at)
+            return self.cache.attend(layer, q, n, blocks)
 
         return self._logits(self._forward(tokens[:, None], positions[:, None], attend))
-
-    def _attend_blocks(self, q, keys, values, bias) -> torch.Tensor:
-        """Attention of one query per row over blocked keys/values [blocks, n, kv_heads, _BLOCK, head_dim]."""
-        n = q.shape[0]
-        q = q.view(n, self.kv_heads, self.heads // self.kv_heads, self.head_dim)  # grouped by kv head
-        scores = torch.add(bias, torch.matmul(q, keys.transpose(-1, -2)).float(), alpha=self.head_dim**-0.5)
-        weights = (scores - scores.amax(dim=(0, 4), keepdim=True)).exp_()  # softmax over blocks x offsets
-        out = torch.matmul(weights.to(values.dtype), values).float().sum(dim=0)
-        out = out / weights.sum(dim=(0, 4))[..., None]
-        return out.to(q.dtype).view(n, 1, self.heads, self.head_dim)
 
     def _forward(self, ids, positions, attend) -> torch.Tensor:
         """The decoder stack over ids [n, s] -> hidden states [n * s, d]. ``attend(layer, q, k, v)`` (each
