@@ -154,7 +154,7 @@ def bench_scale(scale: str, args) -> dict[str, float | None]:
             runs[name] = pinned
 
     warm = SamplingParams(max_new_tokens=min(8, args.new_tokens), temperature=0.7)
-    hf_generate(model, prompts[:2], warm, eos_id=no_eos, pad_id=PAD)
+    hf_generate(model, prompts, warm, eos_id=no_eos, pad_id=PAD)  # every row: the first full batch loads kernels
     ok = dict.fromkeys(runs, True)
     for name in engines:  # warm up, capturing every graph the timed runs use
         ok[name] = attempt(f"{scale} {name} warm-up", runs[name]) is not None
