@@ -306,7 +306,8 @@ class RolloutEngine:
     ``kv_layout`` picks the KV cache: ``"blocks"`` (``_BlockedCache``, the CPU default) or ``"rows"``
     (``_RowCache``, the CUDA default); both attend over whole blocks of ``_BLOCK`` positions and give the
     same tokens. ``max_len`` caps prompt + response length (default: whatever each call needs). ``compile``
-    runs the decode step on fixed buffers, captured as CUDA graphs on CUDA. ``dtype`` defaults to bf16 on CUDA and the model's dtype elsewhere.
+    runs the decode step on fixed buffers, captured as CUDA graphs on CUDA. ``dtype`` defaults to bf16 on
+    CUDA and the model's dtype elsewhere.
     Call ``refresh`` after the optimizer has changed the model.
     """
 
