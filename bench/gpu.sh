@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README's benchmark table in one run on a lent device (about 9 minutes):
+# The GPU measurements of the README's benchmark table in one run on a lent device (228 s on an H200):
 # the rollout engine against HF generate at 150M, batch 256 (its correctness check first), then
 # training tokens/s and MFU at 1B and 150M, context 2048. Logs and the JSON summary go to $OUT (or bench/out).
 #   run: bash bench/gpu.sh        (one call, timeout_s 600)
