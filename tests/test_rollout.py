@@ -84,6 +84,9 @@ def full_forward_logprobs(model, batch: RolloutBatch) -> torch.Tensor:
     return logprobs.gather(2, batch.response_ids[:, :, None])[:, :, 0].masked_fill(~batch.response_mask, 0.0)
 
 
+BOTH_CACHES = pytest.mark.parametrize("layout", ["blocks", "rows"], ids=["blocked cache", "row cache"])
+
+
 def frequent_token(batch: RolloutBatch) -> int:
     """The token most rows emit in their first half: as EOS it stops rows at different steps."""
     half = batch.response_ids[:, : batch.response_ids.shape[1] // 2]
@@ -91,7 +94,7 @@ def frequent_token(batch: RolloutBatch) -> int:
     return int(rows_with.argmax())
 
 
-@pytest.mark.parametrize("layout", ["blocks", "rows"], ids=["blocked cache", "row cache"])
+@BOTH_CACHES
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "fixed-shape step"])
 def test_greedy_equals_hf_generate(model, compile, layout):
     ref = hf_generate(model, PROMPTS, GREEDY, eos_id=NO_EOS, pad_id=PAD)
@@ -101,7 +104,7 @@ def test_greedy_equals_hf_generate(model, compile, layout):
     assert ours.truncated.all()
 
 
-@pytest.mark.parametrize("layout", ["blocks", "rows"], ids=["blocked cache", "row cache"])
+@BOTH_CACHES
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "fixed-shape step"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_eos_stops_each_row(tied, compile, layout):
@@ -122,7 +125,7 @@ def test_eos_stops_each_row(tied, compile, layout):
         assert not (ours.response_ids[row, : length - 1] == eos).any()
 
 
-@pytest.mark.parametrize("layout", ["blocks", "rows"], ids=["blocked cache", "row cache"])
+@BOTH_CACHES
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "fixed-shape step"])
 def test_logprobs_match_full_forward(compile, layout):
     """Sampling with top-k/top-p; a small vocabulary makes EOS frequent, so rows stop and are compacted."""
@@ -262,7 +265,7 @@ def test_temperature_sharpens():
     assert torch.allclose(counts / 40_000.0, expected, atol=0.01)
 
 
-@pytest.mark.parametrize("layout", ["blocks", "rows"], ids=["blocked cache", "row cache"])
+@BOTH_CACHES
 def test_bf16_engine_tracks_the_bf16_model(layout):
     """The bf16 path (the CUDA default: row cache) with fixed buffers, on CPU: log-probs near a bf16 HF forward."""
     model = tiny_olmo(tied=False).to(torch.bfloat16)

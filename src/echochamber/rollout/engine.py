@@ -335,7 +335,7 @@ class RolloutEngine:
         kv_layout = kv_layout or ("rows" if self.device.type == "cuda" else "blocks")
         if kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {sorted(KV_LAYOUTS)}, not {kv_layout!r}")
-        self.kv_layout = KV_LAYOUTS[kv_layout]
+        self.cache_type = KV_LAYOUTS[kv_layout]
         self.weights = _Weights(model, self.dtype)
         self.cache: _BlockedCache | _RowCache | None = None
         self.runner: _StepRunner | None = None
@@ -432,8 +432,8 @@ class RolloutEngine:
                 return
             rows, blocks = max(rows, self.cache.rows), max(blocks, self.cache.blocks)
         self.cache = self.runner = None  # free the old buffers first
-        self.cache = self.kv_layout(self.config.num_hidden_layers, rows, blocks, self.heads, self.kv_heads,
-                                    self.head_dim, self.dtype, self.device)
+        self.cache = self.cache_type(self.config.num_hidden_layers, rows, blocks, self.heads, self.kv_heads,
+                                     self.head_dim, self.dtype, self.device)
         self.cos, self.sin = _rope_tables(self.config, blocks * _BLOCK, self.device)
         self.runner = _StepRunner(self, rows) if self.compile else None
 
