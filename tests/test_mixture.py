@@ -167,6 +167,32 @@ def test_document_windows_open_at_a_document_and_cover_the_stream(world, tmp_pat
     assert np.array_equal(seqs[1], full[:seq_len])
 
 
+@pytest.mark.parametrize("seq_len", [24, 200])
+def test_shuffled_documents_hold_the_same_documents_whole_in_a_seeded_order_across_sources(world, tmp_path, seq_len):
+    root, files, _, tok, _ = world
+    small = {src: tmp_path / f"small-{src}" for src in files}  # documents cross shard files
+    for src, path in files.items():
+        M.tokenize_source(src, path, tok, small[src], shard_tokens=300, batch_rows=7)
+    M.build("m", {"tg": 1.5, "omi2": 2}, small, tmp_path / "mix", seed=0)
+    stream, eos = M.TokenStream(tmp_path / "mix"), tok.eos_token_id
+    shuffled = stream.shuffled(eos, seed=3)
+    assert shuffled.n_tokens == stream.n_tokens and shuffled.n_sequences(seq_len) == stream.n_sequences(seq_len)
+    before, after = (_split_docs(s.read(0, s.n_tokens), eos) for s in (stream, shuffled))
+    assert sorted(map(tuple, after)) == sorted(map(tuple, before))      # every document once, whole
+    assert after != before
+    tg = {tuple(d) for d in _split_docs(M.TokenStream(small["tg"]).read(0, M.TokenStream(small["tg"]).n_tokens), eos)}
+    kinds = [tuple(d) in tg for d in after]
+    assert sum(a != b for a, b in zip(kinds, kinds[1:])) > len(kinds) // 4  # the sources are interleaved
+    full = shuffled.read(0, shuffled.n_tokens)
+    for start, length in [(0, 64), (137, 300), (shuffled.n_tokens - 10, 10)]:   # across document boundaries
+        assert np.array_equal(shuffled.read(start, length), full[start:start + length])
+    assert np.array_equal(shuffled.document_starts(eos), np.concatenate([[0], np.flatnonzero(full[:-1] == eos) + 1]))
+    starts = shuffled.document_windows(seq_len, eos)
+    assert np.array_equal(shuffled.sequences([1], seq_len, starts)[0], full[starts[1]:starts[1] + seq_len])
+    assert np.array_equal(stream.shuffled(eos, seed=3).read(0, 500), full[:500])     # seeded
+    assert not np.array_equal(stream.shuffled(eos, seed=4).read(0, 500), full[:500])
+
+
 def test_missing_source_file_or_tokens_stop_with_one_sentence_naming_the_path(world, tmp_path):
     root, files, _, tok, tokens = world
     missing = tmp_path / "data" / "source=omi1" / "train.parquet"

@@ -218,6 +218,24 @@ def test_document_windows_reach_the_trainer_and_stream_windows_keep_their_params
     assert curves[0]["loss"].tolist() != curves[1]["loss"].tolist()
 
 
+def test_shuffled_documents_reach_the_trainer_and_the_mixture_order_keeps_its_params(world, tmp_path, monkeypatch):
+    _, mix, tok, _ = world
+    cfg = {"pretrain": {}, "scales": {"s": TINY}, "grid": {"scales": ["s"]}}
+    assert "documents" not in P.settings(cfg, "s", 0)  # cells trained before the setting existed keep their params
+    cfg["pretrain"]["documents"] = "shuffled"
+    assert P.settings(cfg, "s", 0)["documents"] == "shuffled"
+    seen = []
+    read = M.TokenStream.sequences
+    monkeypatch.setattr(M.TokenStream, "sequences",
+                        lambda self, idx, L, starts=None: seen.append(type(self)) or read(self, idx, L, starts))
+    curves = []
+    for order in ("by_source", "shuffled"):
+        P.run(settings(max_steps=4, documents=order), mix, tok, tmp_path / order, device="cpu", threads=1)
+        curves.append(pd.read_parquet(tmp_path / order / "curve.parquet"))
+    assert seen[0] is M.TokenStream and seen[-1] is M.ShuffledDocuments
+    assert curves[0]["loss"].tolist() != curves[1]["loss"].tolist()
+
+
 def test_a_killed_run_resumes_and_ends_with_the_same_loss(world, reference, tmp_path, caplog):
     """SIGKILL the real process after its first save; the restart must resume and match exactly."""
     _, mix, tok, _ = world

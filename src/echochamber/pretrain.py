@@ -2,8 +2,9 @@
 
 One cell (mixture x scale x seed) is one call of :func:`run`, launched by ``accelerate launch``:
 
-- data: the mixture's token stream cut into ``seq_len`` sequences (``windows: document_start``: each moved
-  forward to the first document beginning inside it); each epoch visits them in a seeded permutation,
+- data: the mixture's token stream (``documents: shuffled``: its documents in a seeded random order) cut
+  into ``seq_len`` sequences (``windows: document_start``: each moved forward to the first document
+  beginning inside it); each epoch visits them in a seeded permutation,
   and the position in the data is simply the step (so a restart needs nothing else);
 - a step consumes ``batch_size`` sequences: each process takes ``micro_batch_size`` of them per
   micro-step, for ``batch_size / (micro_batch_size * processes)`` accumulated micro-steps, so any
@@ -68,8 +69,10 @@ def settings(config: dict, scale: str, seed: int) -> dict:
     the seed. The runtime keys (JOB_KEYS: processes, GPUs, threads, micro-batch size, save cadence) are
     left out: they only change how the same global batch is computed, so editing them reruns nothing."""
     p = ec_settings.identity(section(config, scale))
-    if p["windows"] == "stream":  # the behaviour from before the setting existed: those cells keep their params
-        del p["windows"]
+    # the behaviour from before these settings existed: those cells keep their params
+    for key, before in (("windows", "stream"), ("documents", "by_source")):
+        if p[key] == before:
+            del p[key]
     return {**p, "scale": dict(config["scales"][scale]), "scale_name": scale, "seed": int(seed)}
 
 
@@ -310,6 +313,8 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
         if n_seq < B:
             raise PretrainError(f"mixture {mixture_dir} holds {n_seq} sequences of {L} tokens, fewer than "
                                 f"one batch (pretrain.batch_size {B})")
+        if s.get("documents", "by_source") == "shuffled":
+            stream = stream.shuffled(tok.eos_token_id, s["seed"])   # the same tokens: n_seq holds
         starts = None
         if s.get("windows", "stream") == "document_start":
             starts = stream.document_windows(L, tok.eos_token_id)

@@ -29,6 +29,7 @@ Pair = Annotated[list[float], Field(min_length=2, max_length=2)]
 Precision = Literal["fp32", "bf16"]
 Split = Literal["train", "test", "hard"]
 Windows = Literal["stream", "document_start"]
+DocumentOrder = Literal["by_source", "shuffled"]
 KlEstimator = Literal["k1", "k2", "k3"]
 SourceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9]+$")]
 MixtureName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$")]
@@ -173,6 +174,9 @@ class Pretrain(Section):
     windows: Windows = setting("stream", "where training sequences start: stream (the mixture cut into equal "
                                          "pieces, as OLMo packs) or document_start (each at a document's "
                                          "first token, so no solution is cut from its question)")
+    documents: DocumentOrder = setting("by_source", "the order documents are packed in: by_source (the "
+                                                    "mixture's order, each source's documents together) or "
+                                                    "shuffled (a seeded random order across sources)")
     lr: NonNegative = setting(3.0e-3, "peak learning rate")
     weight_decay: NonNegative = setting(0.1, "AdamW weight decay (matrices except the input embedding)")
     betas: Pair = setting([0.9, 0.95], "AdamW betas")

@@ -306,6 +306,10 @@ class TokenStream:
     def n_sequences(self, seq_len: int) -> int:
         return self.n_tokens // seq_len
 
+    def shuffled(self, eos_id: int, seed: int) -> ShuffledDocuments:
+        """This stream's documents in a seeded random order (:class:`ShuffledDocuments`)."""
+        return ShuffledDocuments(self, eos_id, seed)
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` of the stream, across segment boundaries."""
         out = np.empty(length, dtype=np.int64)
@@ -353,3 +357,34 @@ class TokenStream:
         first = docs[np.minimum(j, len(docs) - 1)]
         inside = (j < len(docs)) & (first < base + seq_len)
         return np.minimum(np.where(inside, first, base), self.n_tokens - seq_len)
+
+
+class ShuffledDocuments(TokenStream):
+    """The documents of a stream in a seeded random order, packed back to back: the same tokens, but a
+    document's neighbours come from any source, as pretraining pipelines shuffle before they pack (in the
+    mixture's own order a sequence holds documents of one source, so the format of the one before it
+    tells the model which format comes next, and the format chosen for a bare question is learned from
+    only the first document of each sequence). Read and cut into sequences like :class:`TokenStream`."""
+
+    def __init__(self, stream: TokenStream, eos_id: int, seed: int):
+        self.folder, self.manifest, self._stream = stream.folder, stream.manifest, stream
+        starts = stream.document_starts(eos_id)
+        lengths = np.diff(np.append(starts, stream.n_tokens))
+        order = np.random.default_rng([seed, zlib.crc32(b"documents")]).permutation(len(starts))
+        self._from, self._lengths = starts[order], lengths[order]
+        self._starts = np.concatenate([[0], np.cumsum(self._lengths)])
+        self.n_tokens = stream.n_tokens
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        out = np.empty(length, dtype=np.int64)
+        doc = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pos, filled = start, 0
+        while filled < length:
+            offset = pos - self._starts[doc]
+            take = min(length - filled, int(self._lengths[doc] - offset))
+            out[filled:filled + take] = self._stream.read(int(self._from[doc] + offset), take)
+            filled, pos, doc = filled + take, pos + take, doc + 1
+        return out
+
+    def document_starts(self, eos_id: int | None = None) -> np.ndarray:
+        return self._starts[:-1].copy()
