@@ -198,41 +198,31 @@ def test_the_same_config_gives_the_same_numbers_and_the_seed_changes_them(world,
     assert runs[0]["loss"].tolist() != runs[2]["loss"].tolist()
 
 
-def test_document_windows_reach_the_trainer_and_stream_windows_keep_their_params(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("key, before, value", [("windows", "stream", "document_start"),
+                                                 ("documents", "by_source", "shuffled")])
+def test_data_order_settings_reach_the_trainer_and_their_old_defaults_keep_params(world, tmp_path, monkeypatch,
+                                                                                  key, before, value):
     _, mix, tok, _ = world
     cfg = {"pretrain": {}, "scales": {"s": TINY}, "grid": {"scales": ["s"]}}
-    assert "windows" not in P.settings(cfg, "s", 0)  # cells trained before the setting existed keep their params
-    cfg["pretrain"]["windows"] = "document_start"
-    assert P.settings(cfg, "s", 0)["windows"] == "document_start"
-    seen = []
+    assert key not in P.settings(cfg, "s", 0)  # cells trained before the setting existed keep their params
+    cfg["pretrain"][key] = value
+    assert P.settings(cfg, "s", 0)[key] == value
+    seen = []   # (the stream's class, the window starts) of every batch read
     read = M.TokenStream.sequences
     monkeypatch.setattr(M.TokenStream, "sequences",
-                        lambda self, idx, L, starts=None: seen.append(starts) or read(self, idx, L, starts))
+                        lambda self, idx, L, starts=None: seen.append((type(self), starts))
+                        or read(self, idx, L, starts))
     curves = []
-    for w in ("stream", "document_start"):
-        P.run(settings(max_steps=4, windows=w), mix, tok, tmp_path / w, device="cpu", threads=1)
-        curves.append(pd.read_parquet(tmp_path / w / "curve.parquet"))
-    assert seen[0] is None and seen[-1] is not None
+    for v in (before, value):
+        P.run(settings(max_steps=4, **{key: v}), mix, tok, tmp_path / v, device="cpu", threads=1)
+        curves.append(pd.read_parquet(tmp_path / v / "curve.parquet"))
+    assert seen[0][0] is M.TokenStream and seen[0][1] is None
     stream = M.TokenStream(mix)
-    assert np.array_equal(seen[-1], stream.document_windows(64, stream.manifest["tokenizer"]["eos_id"]))
-    assert curves[0]["loss"].tolist() != curves[1]["loss"].tolist()
-
-
-def test_shuffled_documents_reach_the_trainer_and_the_mixture_order_keeps_its_params(world, tmp_path, monkeypatch):
-    _, mix, tok, _ = world
-    cfg = {"pretrain": {}, "scales": {"s": TINY}, "grid": {"scales": ["s"]}}
-    assert "documents" not in P.settings(cfg, "s", 0)  # cells trained before the setting existed keep their params
-    cfg["pretrain"]["documents"] = "shuffled"
-    assert P.settings(cfg, "s", 0)["documents"] == "shuffled"
-    seen = []
-    read = M.TokenStream.sequences
-    monkeypatch.setattr(M.TokenStream, "sequences",
-                        lambda self, idx, L, starts=None: seen.append(type(self)) or read(self, idx, L, starts))
-    curves = []
-    for order in ("by_source", "shuffled"):
-        P.run(settings(max_steps=4, documents=order), mix, tok, tmp_path / order, device="cpu", threads=1)
-        curves.append(pd.read_parquet(tmp_path / order / "curve.parquet"))
-    assert seen[0] is M.TokenStream and seen[-1] is M.ShuffledDocuments
+    if key == "windows":
+        assert seen[-1][0] is M.TokenStream
+        assert np.array_equal(seen[-1][1], stream.document_windows(64, stream.manifest["tokenizer"]["eos_id"]))
+    else:
+        assert seen[-1][0] is M.ShuffledDocuments and seen[-1][1] is None
     assert curves[0]["loss"].tolist() != curves[1]["loss"].tolist()
 
 
