@@ -13,7 +13,7 @@ from echochamber import base_models, grid, manifest, models, pretrain
 from echochamber import config as ec_config
 from echochamber.data import tokenizer
 
-MIX = "as_fm3_tg_omi1_omi2"
+MIX = tiny_config("results")["grid"]["mixtures"][0]   # the embedded study's mixture
 
 
 def two_by_two(results="results"):
