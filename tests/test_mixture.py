@@ -180,7 +180,8 @@ def test_shuffled_documents_hold_the_same_documents_whole_in_a_seeded_order_acro
     before, after = (_split_docs(s.read(0, s.n_tokens), eos) for s in (stream, shuffled))
     assert sorted(map(tuple, after)) == sorted(map(tuple, before))      # every document once, whole
     assert after != before
-    tg = {tuple(d) for d in _split_docs(M.TokenStream(small["tg"]).read(0, M.TokenStream(small["tg"]).n_tokens), eos)}
+    tg_stream = M.TokenStream(small["tg"])
+    tg = {tuple(d) for d in _split_docs(tg_stream.read(0, tg_stream.n_tokens), eos)}
     kinds = [tuple(d) in tg for d in after]
     assert sum(a != b for a, b in zip(kinds, kinds[1:])) > len(kinds) // 4  # the sources are interleaved
     full = shuffled.read(0, shuffled.n_tokens)
