@@ -144,7 +144,7 @@ def panel_figure(columns: list[tuple[str, pd.DataFrame, pd.DataFrame | None]], s
             axes[1, j].tick_params(labelleft=True)
     axes[0, -1].legend(fontsize=7, loc="best")
     axes[1, -1].legend(fontsize=7, loc="best")
-    fig.suptitle(suptitle, fontsize=11)
+    fig.suptitle(suptitle, fontsize=11, wrap=True)   # a long mixture name must not run off a one-column figure
     fig.tight_layout()
     return fig
 
