@@ -311,19 +311,22 @@ class TokenStream:
         return ShuffledDocuments(self, eos_id, seed)
 
     def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens ``[start, start + length)`` of the stream, across segment boundaries."""
+        """Tokens ``[start, start + length)`` of the stream, across piece boundaries (``_starts`` holds
+        where each piece begins: a segment here, a document in :class:`ShuffledDocuments`)."""
         out = np.empty(length, dtype=np.int64)
         pos, filled = start, 0
-        seg = int(np.searchsorted(self._starts, start, side="right")) - 1
+        piece = int(np.searchsorted(self._starts, start, side="right")) - 1
         while filled < length:
-            s = self._segments[seg]
-            offset = pos - self._starts[seg]
-            take = min(length - filled, len(s) - offset)
-            out[filled:filled + take] = s[offset:offset + take]
+            offset = int(pos - self._starts[piece])
+            take = min(length - filled, int(self._starts[piece + 1] - pos))
+            out[filled:filled + take] = self._piece(piece, offset, take)
             filled += take
             pos += take
-            seg += 1
+            piece += 1
         return out
+
+    def _piece(self, i: int, offset: int, take: int) -> np.ndarray:
+        return self._segments[i][offset:offset + take]
 
     def sequences(self, indices, seq_len: int, starts: np.ndarray | None = None) -> np.ndarray:
         """The sequences with these indices, as an int64 array of shape (len(indices), seq_len).
@@ -364,27 +367,20 @@ class ShuffledDocuments(TokenStream):
     document's neighbours come from any source, as pretraining pipelines shuffle before they pack (in the
     mixture's own order a sequence holds documents of one source, so the format of the one before it
     tells the model which format comes next, and the format chosen for a bare question is learned from
-    only the first document of each sequence). Read and cut into sequences like :class:`TokenStream`."""
+    only the first document of each sequence). Its pieces are documents read from the stream; reading and
+    cutting into sequences are :class:`TokenStream`'s."""
 
     def __init__(self, stream: TokenStream, eos_id: int, seed: int):
         self.folder, self.manifest, self._stream = stream.folder, stream.manifest, stream
         starts = stream.document_starts(eos_id)
         lengths = np.diff(np.append(starts, stream.n_tokens))
         order = np.random.default_rng([seed, zlib.crc32(b"documents")]).permutation(len(starts))
-        self._from, self._lengths = starts[order], lengths[order]
-        self._starts = np.concatenate([[0], np.cumsum(self._lengths)])
+        self._from = starts[order]
+        self._starts = np.concatenate([[0], np.cumsum(lengths[order])])
         self.n_tokens = stream.n_tokens
 
-    def read(self, start: int, length: int) -> np.ndarray:
-        out = np.empty(length, dtype=np.int64)
-        doc = int(np.searchsorted(self._starts, start, side="right")) - 1
-        pos, filled = start, 0
-        while filled < length:
-            offset = pos - self._starts[doc]
-            take = min(length - filled, int(self._lengths[doc] - offset))
-            out[filled:filled + take] = self._stream.read(int(self._from[doc] + offset), take)
-            filled, pos, doc = filled + take, pos + take, doc + 1
-        return out
+    def _piece(self, i: int, offset: int, take: int) -> np.ndarray:
+        return self._stream.read(int(self._from[i]) + offset, take)
 
     def document_starts(self, eos_id: int | None = None) -> np.ndarray:
         return self._starts[:-1].copy()
