@@ -101,11 +101,19 @@ def test_the_mini_paper_plans_the_cells_its_figures_need():
     assert cli.returncode == 0 and "10 pretrain cells, 22 RL cells" in cli.stdout, cli.stderr
     cfg = ec_config.load(*SHIPPED[2])
     cells = grid.rl_cells(cfg)
-    assert {c.scale for c in cells} == {"s", "sm"} and {c.seed for c in cells} == {0, 1}
-    default = [c for c in cells if c.mixture == "as_fm3_tg_omi1_omi2" and c.scale == "s"]
+    assert {c.scale for c in cells} == {"s", "sm"} and len({c.seed for c in cells}) == 2
+    main = ec_config.load(SHIPPED[0][0])["grid"]["mixtures"][0]     # the embedded study's mixture
+    assert cfg["grid"]["mixtures"] == [main]
+    default = [c for c in cells if c.mixture == main and c.scale == "s"]
     assert sorted({c.kl for c in default if c.algo == "ppo"}) == [0.0, 0.001, 0.01, 0.1, 0.3]
     assert {c.algo for c in default} == {"ppo", "grpo", "ei"}
-    assert {(c.algo, c.kl) for c in cells if c.mixture != "as_fm3_tg_omi1_omi2" or c.scale == "sm"} == {("ppo", 0.0)}
+    assert {(c.algo, c.kl) for c in cells if c.mixture != main or c.scale == "sm"} == {("ppo", 0.0)}
+    # the repetition sweep: OMI1 at 2, 4 and 8 times its weight in the main mixture, the rest unchanged
+    base = cfg["mixtures"][main]
+    sweep = sorted({c.mixture for c in cells} - {main}, key=lambda m: cfg["mixtures"][m]["omi1"])
+    assert [cfg["mixtures"][m]["omi1"] / base["omi1"] for m in sweep] == pytest.approx([2, 4, 8])
+    assert all({k: v for k, v in cfg["mixtures"][m].items() if k != "omi1"} ==
+               {k: v for k, v in base.items() if k != "omi1"} for m in sweep)
 
 
 def test_not_yaml_and_missing_file(tmp_path):
