@@ -116,6 +116,22 @@ def test_the_mini_paper_plans_the_cells_its_figures_need():
                {k: v for k, v in base.items() if k != "omi1"} for m in sweep)
 
 
+def test_larger_scales_pretrain_first(tmp_path):
+    """Pretraining jobs carry a Snakemake priority that grows with the scale's size, above RL and evaluation,
+    so a grid's longest runs start first (the mini-paper's sm runs had started last, ending it on one core)."""
+    cfg = ec_config.load(*SHIPPED[2])
+    by_size = grid.scales_by_size({**cfg, "grid": {**cfg["grid"], "scales": list(cfg["scales"])}})
+    assert [grid.pretrain_priority(cfg, z) for z in by_size] == list(range(1, len(by_size) + 1))
+    plan = snakemake("-n", "--configfile", str(ROOT / "configs" / "mini_paper.yaml"),
+                     "--config", f"results={tmp_path / 'r'}", cwd=tmp_path).stdout
+    jobs = [block for block in plan.split("\n\n") if "rule pretrain:" in block]
+    found = {(re.search(r"scale=(\w+)", b).group(1), int(re.search(r"priority: (\d+)", b).group(1))) for b in jobs}
+    assert len(jobs) == 10 and found == {("s", grid.pretrain_priority(cfg, "s")), ("sm", grid.pretrain_priority(cfg, "sm"))}
+    assert grid.pretrain_priority(cfg, "sm") > grid.pretrain_priority(cfg, "s") > 0
+    later = [b for b in plan.split("\n\n") if re.search(r"rule (rl|eval_\w+):", b)]
+    assert len(later) == 22 + 64 and not any("priority:" in b for b in later)    # RL and evaluation: priority 0
+
+
 def test_not_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("grid: [unclosed\n")

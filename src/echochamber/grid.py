@@ -27,6 +27,14 @@ def scales_by_size(config: dict) -> list[str]:
     return sorted(values(config, "scales"), key=lambda z: (block_params(config["scales"][z]), str(z)))
 
 
+def pretrain_priority(config: dict, scale: str) -> int:
+    """Snakemake priority of a pretraining job: 1 + the scale's rank by size among config.scales, so the
+    largest (longest) runs start first and the short ones fill both cores at the end, instead of a large
+    run starting last and ending the study with one core busy. Above RL and evaluation jobs (priority 0)."""
+    ranked = sorted(config["scales"], key=lambda z: (block_params(config["scales"][z]), str(z)))
+    return 1 + ranked.index(scale)
+
+
 def kl_str(kl: float) -> str:
     """One spelling per KL coefficient: 0, 0.001, 0.01 (used in paths and wildcards)."""
     return f"{float(kl):g}"
