@@ -63,7 +63,7 @@ rule pretrain:
         launch=lambda w, resources: ec_launch.launch_args(ec_launch.job_processes(resources)),
         cell=lambda w, output: str(Path(output.curve).parent),
     threads: ec_pretrain.threads(config)
-    priority: lambda w: ec_grid.pretrain_priority(config, w.scale)   # the largest scales start first
+    priority: lambda w: ec_grid.pretrain_priority(config, w.scale)  # the largest scales start first
     resources:
         processes=lambda w: ec_pretrain.processes(config, w.scale),
         gpu=lambda w: ec_pretrain.gpus(config, w.scale),
