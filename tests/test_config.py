@@ -120,8 +120,10 @@ def test_larger_scales_pretrain_first(tmp_path):
     """Pretraining jobs carry a Snakemake priority that grows with the scale's size, above RL and evaluation,
     so a grid's longest runs start first (the mini-paper's sm runs had started last, ending it on one core)."""
     cfg = ec_config.load(*SHIPPED[2])
-    by_size = grid.scales_by_size({**cfg, "grid": {**cfg["grid"], "scales": list(cfg["scales"])}})
-    assert [grid.pretrain_priority(cfg, z) for z in by_size] == list(range(1, len(by_size) + 1))
+    priority = {z: grid.pretrain_priority(cfg, z) for z in cfg["scales"]}
+    assert sorted(priority.values()) == list(range(1, len(priority) + 1))
+    size = [grid.block_params(cfg["scales"][z]) for z in sorted(priority, key=priority.get)]
+    assert size == sorted(size)                                         # a larger scale, a higher priority
     plan = snakemake("-n", "--configfile", str(ROOT / "configs" / "mini_paper.yaml"),
                      "--config", f"results={tmp_path / 'r'}", cwd=tmp_path).stdout
     jobs = [block for block in plan.split("\n\n") if "rule pretrain:" in block]

@@ -24,15 +24,18 @@ def block_params(scale: dict) -> int:
 def scales_by_size(config: dict) -> list[str]:
     """The grid's scales, smallest first (by parameters in the blocks, then name): the order in which
     findings and figures compare scales, whatever the scales are called."""
-    return sorted(values(config, "scales"), key=lambda z: (block_params(config["scales"][z]), str(z)))
+    return _by_size(config, values(config, "scales"))
 
 
 def pretrain_priority(config: dict, scale: str) -> int:
     """Snakemake priority of a pretraining job: 1 + the scale's rank by size among config.scales, so the
     largest (longest) runs start first and the short ones fill both cores at the end, instead of a large
     run starting last and ending the study with one core busy. Above RL and evaluation jobs (priority 0)."""
-    ranked = sorted(config["scales"], key=lambda z: (block_params(config["scales"][z]), str(z)))
-    return 1 + ranked.index(scale)
+    return 1 + _by_size(config, config["scales"]).index(scale)
+
+
+def _by_size(config: dict, scales) -> list[str]:
+    return sorted(scales, key=lambda z: (block_params(config["scales"][z]), str(z)))
 
 
 def kl_str(kl: float) -> str:
