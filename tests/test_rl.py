@@ -544,21 +544,6 @@ def test_config_yaml_rl_section_validates_and_typos_fail_in_one_sentence():
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def test_a_run_shorter_than_its_schedule_has_the_longer_runs_learning_rates(world, tmp_path):
-    # 24 prompts / 12 per step: 2 steps per episode; one episode scheduled as the first of three
-    common = dict(algo="grpo", rollout_batch_size=12, samples_per_prompt=2, train_batch_size=8, max_steps=None,
-                  warmup_ratio=0.1, min_lr_ratio=0.1)
-    train.run(spec(episodes=1, schedule_episodes=3, **common), base=world["base"], prompts=world["prompts"],
-              out=tmp_path / "first", scorer=gold_in_text)
-    train.run(spec(episodes=3, **common), base=world["base"], prompts=world["prompts"], out=tmp_path / "all",
-              scorer=gold_in_text)
-    first, whole = read_run(tmp_path / "first")[0], read_run(tmp_path / "all")[0]
-    assert len(first) == 2 and len(whole) == 6
-    assert first.lr.tolist() == pytest.approx(whole.lr[:2].tolist())
-    assert first.lr.iloc[-1] > 0.9e-3 and whole.lr.iloc[-1] < 0.2e-3     # not annealed to the floor (0.1e-3)
-    assert train.plan(settings.Settings.from_spec(spec(episodes=1, **common)), 24)["scheduled"] == 2
-
-
 def test_bad_inputs_end_in_one_sentence_naming_the_file(world, tmp_path, capfd):
     with pytest.raises(train.RLInputError, match="does not exist"):
         train.load_prompts(tmp_path / "nope.parquet")

@@ -255,9 +255,6 @@ class RL(Section):
     critic_lr: NonNegative = setting(7.0e-6, "PPO critic learning rate", used_by=("ppo",))
     warmup_ratio: Fraction = setting(0.03, "warm-up as a fraction of the optimizer steps", used_by=PG)
     min_lr_ratio: Fraction = setting(0.1, "final learning rate as a fraction of the peak", used_by=ALL)
-    schedule_episodes: PositiveFloat | None = setting(
-        None, "episodes the warm-up and cosine span (null: the run's own length); a run shorter than this is "
-        "the start of a longer one, at that one's learning rates", used_by=PG)
     betas: Pair = setting([0.9, 0.95], "Adam betas (no weight decay)", used_by=ALL)
     clip_eps: PositiveFloat = setting(0.2, "PPO ratio clip", used_by=PG)
     value_clip: PositiveFloat = setting(0.2, "PPO value clip", used_by=("ppo",))

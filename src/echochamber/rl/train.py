@@ -85,8 +85,7 @@ def plan(s: Settings, n_prompts: int) -> dict:
         raise RLInputError(f"rl.rollout_batch_size: {s.rollout_batch_size} prompts per step but the prompt "
                            f"file has only {n_prompts}")
     total = s.max_steps or max(1, math.ceil(s.episodes * per_episode))
-    scheduled = max(1, math.ceil(s.schedule_episodes * per_episode)) if s.schedule_episodes else total
-    return {"per_episode": per_episode, "total": total, "scheduled": scheduled,
+    return {"per_episode": per_episode, "total": total,
             "checkpoints": checkpoint_steps(total, per_episode, s.n_checkpoints)}
 
 
@@ -145,7 +144,7 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
             ref.to(accel.device).eval().requires_grad_(False)
         batches_per_step = s.rollout_batch_size * s.samples_per_prompt // s.train_batch_size
         epochs = getattr(s, s.algo).epochs
-        updates = p["scheduled"] * batches_per_step * epochs    # the lr schedule's length
+        updates = p["total"] * batches_per_step * epochs
         if s.algo == "ppo":
             from echochamber.rl.ppo import Critic, PPOTrainer
             critic = Critic(policy).to(accel.device)
