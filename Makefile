@@ -10,8 +10,8 @@ STAMP := $(VENV)/.installed
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 CORES ?= all
 # Test files spread over this many pytest-xdist workers (a file's tests stay together, so its module
-# fixtures are built once); the end-to-end tests wait on subprocesses and Slurm, so 2 workers on 2 cores
-# took 7 min 21 s where one took 11 min 3 s (README, Zen 4).
+# fixtures are built once; the longest files go out first, tests/conftest.py); the end-to-end tests wait
+# on subprocesses and Slurm, so 2 workers on 2 cores took 7 min 21 s where one took 11 min 3 s (README, Zen 4).
 TEST_WORKERS ?= 2
 
 .PHONY: run test lint setup clean-results
@@ -29,7 +29,7 @@ run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # ruff (pyproject's [tool.ruff]), snakefmt ([tool.snakefmt]) and Snakemake's own lints on every config
 lint: $(STAMP)
