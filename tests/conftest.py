@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
-# The longest test files first (seconds summed over their tests, one run with two workers, 2026-12-07):
+# The longest test files first (seconds summed over their tests in one two-worker run on a busy 2-vCPU
+# Zen 3, 2026-12-07; a renamed file here only loses its place in the order):
 # test_config 439, test_incremental 318, test_study_faults 277, test_slurm 272, test_rl_workflow 130,
 # test_evaluate 111. `make test` hands whole files to two xdist workers in collection order
 # (--no-loadscope-reorder), so the short files fill in around these; xdist's own order (most tests first)
