@@ -128,10 +128,11 @@ def test_larger_scales_pretrain_first(tmp_path):
                      "--config", f"results={tmp_path / 'r'}", cwd=tmp_path).stdout
     jobs = [block for block in plan.split("\n\n") if "rule pretrain:" in block]
     found = {(re.search(r"scale=(\w+)", b).group(1), int(re.search(r"priority: (\d+)", b).group(1))) for b in jobs}
-    assert len(jobs) == 10 and found == {("s", grid.pretrain_priority(cfg, "s")), ("sm", grid.pretrain_priority(cfg, "sm"))}
+    assert len(jobs) == len(grid.pretrain_cells(cfg)) == 10
+    assert found == {("s", grid.pretrain_priority(cfg, "s")), ("sm", grid.pretrain_priority(cfg, "sm"))}
     assert grid.pretrain_priority(cfg, "sm") > grid.pretrain_priority(cfg, "s") > 0
     later = [b for b in plan.split("\n\n") if re.search(r"rule (rl|eval_\w+):", b)]
-    assert len(later) == 22 + 64 and not any("priority:" in b for b in later)    # RL and evaluation: priority 0
+    assert len(later) == len(grid.rl_cells(cfg)) + 64 and not any("priority:" in b for b in later)  # priority 0
 
 
 def test_not_yaml_and_missing_file(tmp_path):
