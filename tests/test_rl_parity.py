@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from echochamber.rl import core, ppo
-from test_rl import make_trainer, prompts_of, world  # noqa: F401 - the tiny model fixture
+from test_rl import ScriptedEngine, make_trainer, prompts_of, world  # noqa: F401 - the tiny model fixture
 
 EPS, VCLIP = 0.2, 0.2
 
@@ -146,3 +146,52 @@ def test_the_value_head_is_a_bias_free_linear_layer(world):  # noqa: F811
     head = tr.critic.head
     assert isinstance(head, torch.nn.Linear) and head.bias is None and head.out_features == 1
     assert isinstance(tr.critic, ppo.Critic)
+
+
+def packed_reference_grads(tr, exp, chunks, temperature):
+    """The paper's packed loss written out: per micro-batch the clipped surrogate's token mean, averaged over
+    the micro-batches; returns the policy's gradient."""
+    tr.policy.zero_grad(set_to_none=True)
+    total = 0.0
+    for rows in chunks:
+        mb = exp.select(torch.tensor(rows))
+        logits = core.policy_logits(tr.policy, mb) / temperature
+        logp = logits.log_softmax(-1).gather(-1, mb.response_ids[..., None])[..., 0]
+        m = mb.response_mask
+        ratio = (logp - mb.old_logprobs)[m].exp()
+        adv = mb.advantages[m]
+        surrogate = -torch.minimum(ratio * adv, ratio.clamp(1 - EPS, 1 + EPS) * adv)
+        total = total + surrogate.mean() / len(chunks)
+    total.backward()
+    grads = [p.grad.clone() for p in tr.policy.parameters()]
+    tr.policy.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_packed_micro_batches_are_consecutive_rows_of_the_shuffled_minibatch(world):  # noqa: F811
+    # OpenRLHF packs micro_train_batch_size samples in its shuffled buffer's order, and the packed reduction
+    # depends on which rows share a micro-batch: the trainer's gradient must be that one, not the gradient of
+    # the same rows regrouped by length (which weighs short sequences' tokens more)
+    tr = make_trainer(world, algo="grpo", loss_agg="microbatch_token_mean", train_batch_size=8, micro_batch_size=2,
+                      grad_clip=1e9, temperature=0.7, max_new_tokens=24, actor_lr=0.0)   # lr 0: the step moves nothing
+    tr.engine = ScriptedEngine(world["tok"], ["7", "The answer is 12 apples in all.", "def f():\n    return 3\n",
+                                              "no", "x = 4\nprint(x)\nso the total is 4", "It is 9."])
+    prompts, golds = prompts_of(world)
+    exp, _, _ = tr.rollout(prompts, golds)
+    g = torch.Generator().manual_seed(0)
+    exp.advantages = torch.randn(len(exp), 1, generator=g).expand_as(exp.response_ids).masked_fill(
+        ~exp.response_mask, 0.0).contiguous()          # every row pulls, whatever its reward
+    idx = torch.randperm(len(exp), generator=g)[:8]
+    packed = [idx[i:i + 2].tolist() for i in range(0, 8, 2)]
+    lengths = (exp.prompt_mask.sum(1) + exp.response_mask.sum(1))[idx]
+    by_length = idx[torch.argsort(lengths, descending=True, stable=True)]
+    regrouped = [by_length[i:i + 2].tolist() for i in range(0, 8, 2)]
+    assert {frozenset(c) for c in packed} != {frozenset(c) for c in regrouped}   # the test can tell them apart
+    want = packed_reference_grads(tr, exp, packed, 0.7)
+    other = packed_reference_grads(tr, exp, regrouped, 0.7)
+    assert max(float((w - o).abs().max()) for w, o in zip(want, other)) > 1e-4
+
+    tr.opt.zero_grad = lambda *a, **k: None            # keep the trainer's gradient for the comparison
+    tr._minibatch_step(exp, idx)
+    for p, w in zip(tr.policy.parameters(), want):
+        torch.testing.assert_close(p.grad, w, atol=1e-6, rtol=1e-4)

@@ -61,10 +61,22 @@ class Experience:
                                 if getattr(self, f.name) is not None})
 
 
-def micro_batches(exp: Experience, idx: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Rows ``idx`` in chunks of ``size``, sorted by length so that each chunk carries little padding."""
-    lengths = (exp.prompt_mask.sum(1) + exp.response_mask.sum(1)).cpu()[idx.cpu()]
-    idx = idx[torch.argsort(lengths, descending=True, stable=True).to(idx.device)]
+def micro_batches(exp: Experience, idx: torch.Tensor, size: int, *, in_order: bool = False) -> list[torch.Tensor]:
+    """Rows ``idx`` in chunks of ``size``, longest first.
+
+    By default the rows are sorted by length before chunking, so that each chunk carries little padding.
+    ``in_order`` keeps consecutive rows of ``idx`` together and sorts only within each chunk: OpenRLHF packs
+    its shuffled buffer that way, and a reduction per micro-batch (``microbatch_token_mean``) depends on
+    which rows share one.
+    """
+    lengths = (exp.prompt_mask.sum(1) + exp.response_mask.sum(1)).cpu()
+
+    def longest_first(rows: torch.Tensor) -> torch.Tensor:
+        return rows[torch.argsort(lengths[rows.cpu()], descending=True, stable=True).to(rows.device)]
+
+    if in_order:
+        return [longest_first(idx[i:i + size]) for i in range(0, len(idx), size)]
+    idx = longest_first(idx)
     return [idx[i:i + size] for i in range(0, len(idx), size)]
 
 
