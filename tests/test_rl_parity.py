@@ -195,3 +195,18 @@ def test_packed_micro_batches_are_consecutive_rows_of_the_shuffled_minibatch(wor
     tr._minibatch_step(exp, idx)
     for p, w in zip(tr.policy.parameters(), want):
         torch.testing.assert_close(p.grad, w, atol=1e-6, rtol=1e-4)
+
+
+def test_grpo_minibatches_shuffle_samples_one_by_one_as_openrlhfs_replay_buffer(world):  # noqa: F811
+    # OpenRLHF splits a rollout into single samples and shuffles them: a prompt's group of samples is spread
+    # over the optimizer steps, not kept in one minibatch
+    tr = make_trainer(world, algo="grpo", samples_per_prompt=4, train_batch_size=4, micro_batch_size=4)
+    prompts, golds = prompts_of(world, n=4)
+    exp, _, _ = tr.rollout(prompts, golds)
+    exp, _ = tr.advantages(exp)
+    seen = []
+    tr._minibatch_step = lambda e, idx: seen.append(idx.tolist()) or {}
+    tr.update(exp)
+    assert sorted(sum(seen, [])) == list(range(16)) and all(len(mb) == 4 for mb in seen)
+    groups_per_minibatch = [len({row // 4 for row in mb}) for mb in seen]
+    assert max(groups_per_minibatch) > 1            # a minibatch of 4 mixes prompts: groups are not kept whole

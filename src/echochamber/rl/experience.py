@@ -142,12 +142,8 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().sum(1) - 1).clamp(min=0)
 
 
-def minibatches(n: int, size: int, generator: torch.Generator | None = None, group: int = 1) -> list[torch.Tensor]:
-    """Shuffle ``n`` rows into minibatches of ``size``; rows ``group`` apart stay together when ``group`` divides
-    ``size``."""
-    if group > 1 and size % group == 0 and n % group == 0:
-        order = torch.randperm(n // group, generator=generator)
-        order = (order[:, None] * group + torch.arange(group)).reshape(-1)
-    else:
-        order = torch.randperm(n, generator=generator)
+def minibatches(n: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Shuffle ``n`` rows one by one into minibatches of ``size``, as OpenRLHF's replay buffer is shuffled (a
+    GRPO prompt's samples land in different minibatches)."""
+    order = torch.randperm(n, generator=generator)
     return [order[i:i + size] for i in range(0, n, size)]

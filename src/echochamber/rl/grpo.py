@@ -24,9 +24,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-9) 
 
 
 class GRPOTrainer(PolicyGradientTrainer):
-    def group_size(self) -> int:
-        return self.s.samples_per_prompt
-
     def advantages(self, exp: Experience) -> tuple[Experience, dict]:
         adv, flat = group_advantages(exp.rewards, self.s.samples_per_prompt, self.s.grpo.std_eps)
         exp.advantages = adv[:, None].expand_as(exp.response_ids).masked_fill(~exp.response_mask, 0.0).contiguous()

@@ -170,9 +170,6 @@ class PolicyGradientTrainer:
         """An extra loss term of one micro-batch (``counts``: the minibatch totals ``aggregate`` takes)."""
         return None
 
-    def group_size(self) -> int:
-        return 1
-
     # rollout --------------------------------------------------------------------------------------
 
     def rollout(self, prompts: list[list[int]], golds: list[str]) -> tuple[Experience, list[dict], dict]:
@@ -221,7 +218,7 @@ class PolicyGradientTrainer:
         epochs = getattr(getattr(self.s, self.s.algo, None), "epochs", 1)
         stats = []
         for _ in range(epochs):
-            for idx in minibatches(len(exp), local_batch, self.shuffle, self.group_size()):
+            for idx in minibatches(len(exp), local_batch, self.shuffle):
                 stats.append(self._minibatch_step(exp, idx))
         self.engine.refresh()
         return stats
