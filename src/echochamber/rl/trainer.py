@@ -227,7 +227,7 @@ class PolicyGradientTrainer:
         s, mbs = self.s, self.s.micro_batch_size
         totals = dict(clip=0.0, approx_kl=0.0, ratio_dev=0.0, policy_loss=0.0, value_loss=0.0)
         self.policy.train()
-        # the packed reduction depends on which rows share a micro-batch: keep the shuffled minibatch's groups
+        # the packed reduction depends on which rows share a micro-batch: cut the shuffled minibatch in order
         chunks = micro_batches(exp, idx, mbs, in_order=s.loss_agg == "microbatch_token_mean")
         n_tokens = int(exp.response_mask[idx].sum())
         counts = {"n_seqs": len(idx), "n_tokens": n_tokens, "n_micro": len(chunks)}
