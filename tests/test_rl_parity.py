@@ -183,9 +183,7 @@ def test_packed_micro_batches_are_consecutive_rows_of_the_shuffled_minibatch(wor
         ~exp.response_mask, 0.0).contiguous()          # every row pulls, whatever its reward
     idx = torch.randperm(len(exp), generator=g)[:8]
     packed = [idx[i:i + 2].tolist() for i in range(0, 8, 2)]
-    lengths = (exp.prompt_mask.sum(1) + exp.response_mask.sum(1))[idx]
-    by_length = idx[torch.argsort(lengths, descending=True, stable=True)]
-    regrouped = [by_length[i:i + 2].tolist() for i in range(0, 8, 2)]
+    regrouped = [c.tolist() for c in core.micro_batches(exp, idx, 2)]     # sorted by length, then cut
     assert {frozenset(c) for c in packed} != {frozenset(c) for c in regrouped}   # the test can tell them apart
     want = packed_reference_grads(tr, exp, packed, 0.7)
     other = packed_reference_grads(tr, exp, regrouped, 0.7)

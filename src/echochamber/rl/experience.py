@@ -74,10 +74,9 @@ def micro_batches(exp: Experience, idx: torch.Tensor, size: int, *, in_order: bo
     def longest_first(rows: torch.Tensor) -> torch.Tensor:
         return rows[torch.argsort(lengths[rows.cpu()], descending=True, stable=True).to(rows.device)]
 
-    if in_order:
-        return [longest_first(idx[i:i + size]) for i in range(0, len(idx), size)]
-    idx = longest_first(idx)
-    return [idx[i:i + size] for i in range(0, len(idx), size)]
+    if not in_order:
+        idx = longest_first(idx)
+    return [longest_first(idx[i:i + size]) for i in range(0, len(idx), size)]
 
 
 def policy_logits(model, exp: Experience) -> torch.Tensor:
