@@ -175,10 +175,12 @@ def eval_outputs():
 
 
 def store_inputs():
-    """Every per-cell parquet file the store is built from, by table."""
+    """Every per-cell file the store is built from, by table (machines: the trained cells' machine.json)."""
     rl = ec_grid.rl_cells(config)
     evals = eval_outputs()
     return {
+        "machines": [f"{R}/pretrain/{c.id}/machine.json" for c in ec_base.trained_cells(config)]
+        + [f"{R}/rl/{c.id}/machine.json" for c in rl],
         "curves": [f"{R}/pretrain/{c.id}/curve.parquet" for c in ec_grid.pretrain_cells(config)],
         "steps": [f"{R}/rl/{c.id}/steps.parquet" for c in rl],
         "samples": [f"{R}/rl/{c.id}/samples.parquet" for c in rl],

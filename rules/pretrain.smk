@@ -50,6 +50,7 @@ rule pretrain:
     output:
         model=f"{PRETRAIN_CELL}/model/manifest.json",  # written last (echochamber.manifest)
         curve=f"{PRETRAIN_CELL}/curve.parquet",
+        machine=f"{PRETRAIN_CELL}/machine.json",
     input:
         SRC / "pretrain.py",
         SRC / "schedule.py",

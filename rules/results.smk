@@ -11,6 +11,7 @@ rule ingest:
         update(f"{R}/echo.duckdb"),
     input:
         SRC / "store.py",
+        SRC / "machine.py",
         SCRIPTS / "ingest.py",
         **store_inputs(),
     params:

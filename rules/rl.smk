@@ -10,6 +10,7 @@ rule rl:
     output:
         steps=f"{R}/rl/{RL_CELL}/steps.parquet",
         samples=f"{R}/rl/{RL_CELL}/samples.parquet",
+        machine=f"{R}/rl/{RL_CELL}/machine.json",
         # written last, over the planned steps: deleting it (or checkpoints/) reruns the cell
         checkpoints=f"{R}/rl/{RL_CELL}/checkpoints/manifest.json",
     input:

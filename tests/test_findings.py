@@ -1,7 +1,10 @@
 """`echochamber findings`: the paper's F1-F7 judged from a store, each by its saved query and a fixed criterion."""
 
+import json
 import subprocess
 import sys
+
+import pytest
 
 from echochamber import findings, grid, store
 from echochamber.formats import FORMATS
@@ -25,9 +28,11 @@ def metric(step, sh, pass1, pass_k, maj_k, accs=None):
 
 def write_cell(root, cell, *, winner="omi1", collapse_at=4, steps=10, checkpoints=(1, 3, 10),
                pass1=(0.5, 0.55, 0.7, 0.72), pass_k=(0.8, 0.85, 0.8, 0.7), maj_k=(0.5, 0.6, 0.65, 0.7),
-               final_t=1.0, hard=(0.05, 0.1), accs=None):
+               final_t=1.0, hard=(0.05, 0.1), accs=None, machine=None):
     """One RL cell (and its base model's evaluations): rollout shares reach 90%+ at ``collapse_at``
-    (never when None); ``pass1``/``pass_k``/``maj_k`` are at step 0 and each checkpoint."""
+    (never when None); ``pass1``/``pass_k``/``maj_k`` are at step 0 and each checkpoint; pass@1 on the
+    second benchmark ``hard`` before and after (no second benchmark when None); ``machine``: the cell's
+    machine.json."""
     m, z, a, kl, s = (cell[k] for k in ("mixture", "scale", "algo", "kl", "seed"))
     cid = f"mixture={m}/scale={z}/algo={a}/kl={kl:g}/seed={s}"
     files = []
@@ -43,12 +48,17 @@ def write_cell(root, cell, *, winner="omi1", collapse_at=4, steps=10, checkpoint
     evals = [metric(st, shares(winner, final_t * i / len(checkpoints)), pass1[i], pass_k[i], maj_k[i], accs)
              for i, st in enumerate(checkpoints, start=1)]
     files.append(_write(evals, root / f"eval/{cid}/benchmark=test/metrics.parquet"))
-    files.append(_write([metric(checkpoints[-1], shares(winner, final_t), hard[1], hard[1], hard[1])],
-                        root / f"eval/{cid}/benchmark=hard/metrics.parquet"))
     base = root / f"eval/mixture={m}/scale={z}/algo=base/kl=0/seed={s}"
     files.append(_write([metric(0, BASE_SHARES, pass1[0], pass_k[0], maj_k[0], accs)],
                         base / "benchmark=test/metrics.parquet"))
-    files.append(_write([metric(0, BASE_SHARES, hard[0], hard[0], hard[0])], base / "benchmark=hard/metrics.parquet"))
+    if hard is not None:
+        files.append(_write([metric(checkpoints[-1], shares(winner, final_t), hard[1], hard[1], hard[1])],
+                            root / f"eval/{cid}/benchmark=hard/metrics.parquet"))
+        files.append(_write([metric(0, BASE_SHARES, hard[0], hard[0], hard[0])],
+                            base / "benchmark=hard/metrics.parquet"))
+    if machine is not None:
+        (root / f"rl/{cid}/machine.json").write_text(json.dumps(machine))
+        files.append(str(root / f"rl/{cid}/machine.json"))
     return files
 
 
@@ -103,7 +113,7 @@ def test_scale_and_winner_with_two_scales_and_two_mixtures(tmp_path):
     got, _ = build(tmp_path / "a", prose_at_scale)
     assert got["F5"].verdict == findings.REPRODUCED and "s -> tinygsm" in got["F5"].numbers
     # the base majority is omi1 (45%): two of three cells were won by another format
-    assert got["F4"].verdict == findings.REPRODUCED and got["F4"].numbers.startswith("2/3 cells")
+    assert got["F4"].verdict == findings.REPRODUCED and got["F4"].numbers.startswith("1/1 seeds; 2/3 cells")
     same, _ = build(tmp_path / "b", [{"cell": cell(scale="s")}, {"cell": cell(scale="m")},
                                      {"cell": cell(mixture="mix2")}])
     assert same["F5"].verdict == findings.NOT_REPRODUCED and same["F4"].verdict == findings.NOT_REPRODUCED
@@ -120,7 +130,8 @@ def test_scales_are_compared_by_size_whatever_their_names(tmp_path):
              {"cell": cell(scale="big"), "kw": {"winner": "text"}}]
     got, db = build(tmp_path / "sized", cells, scales=order)
     assert store.meta(db)["scales"] == ["small", "big"]
-    assert got["F5"].verdict == findings.REPRODUCED and got["F5"].numbers == "mix: small -> tinygsm, big -> text"
+    assert got["F5"].verdict == findings.REPRODUCED
+    assert got["F5"].numbers == "1/1 seeds; mix: small -> tinygsm, big -> text"
     by_name, _ = build(tmp_path / "unsized", cells)   # an older store: unknown names sort by name
     assert by_name["F5"].verdict == findings.NOT_REPRODUCED
 
@@ -131,18 +142,96 @@ def test_numbers_spread_over_seeds(tmp_path):
     assert findings.spread([0.5]) == "0.5" and findings.spread([None]) == "-"
 
 
-def test_cli_prints_seven_rows_and_a_missing_store_in_one_line(tmp_path):
-    _, db = build(tmp_path, [{"cell": cell("ppo")}])
+def test_cli_prints_seven_rows_the_machine_and_a_missing_store_in_one_line(tmp_path):
+    machine = {"cpu_model": "Test CPU 9000", "logical_cpus": 2, "gpus": None}
+    _, db = build(tmp_path / "a", [{"cell": cell("ppo"), "kw": {"machine": machine}}])
     out = subprocess.run([sys.executable, "-m", "echochamber.cli", "findings", "--db", str(db)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[0].split()[:3] == ["finding", "name", "verdict"]
-    assert [ln.split()[0] for ln in lines[1:]] == [f"F{n}" for n in range(1, 8)]
+    assert [ln.split()[0] for ln in lines[1:8]] == [f"F{n}" for n in range(1, 8)]
+    assert lines[8:] == ["machine: CPU Test CPU 9000; GPU none (1 cell)"]
+    _, unrecorded = build(tmp_path / "b", [{"cell": cell("ppo")}])      # cells that wrote no machine.json
+    assert findings.machine_line(unrecorded).startswith("not recorded")
     missing = subprocess.run([sys.executable, "-m", "echochamber.cli", "findings", "--db", str(tmp_path / "no.duckdb")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "no.duckdb" in missing.stderr
+
+
+@pytest.mark.parametrize("held, n, verdict", [
+    (8, 8, findings.REPRODUCED), (7, 8, findings.REPRODUCED), (6, 8, findings.NOT_REPRODUCED),
+    (3, 3, findings.REPRODUCED), (2, 3, findings.NOT_REPRODUCED), (2, 2, findings.REPRODUCED),
+    (1, 2, findings.NOT_REPRODUCED), (1, 1, findings.REPRODUCED), (0, 1, findings.NOT_REPRODUCED),
+    (0, 0, findings.NOT_MEASURABLE)])
+def test_the_verdict_rule_needs_seven_of_eight_seeds_rounded_up(held, n, verdict):
+    assert findings.verdict([True] * held + [False] * (n - held)) == verdict
+
+
+@pytest.mark.parametrize("n_seeds, failing, verdict", [
+    (8, [3], findings.REPRODUCED), (8, [3, 5], findings.NOT_REPRODUCED),
+    (2, [1], findings.NOT_REPRODUCED)])   # one good seed cannot decide against a bad one
+def test_a_verdict_counts_the_seeds_and_names_those_that_failed(tmp_path, n_seeds, failing, verdict):
+    got, _ = build(tmp_path, [{"cell": cell(seed=s), "kw": {"collapse_at": None} if s in failing else {}}
+                              for s in range(n_seeds)])
+    failed = "; ".join(f"seed {s}: 0/1 cells collapse in time" for s in failing)
+    assert got["F1"].verdict == verdict
+    assert got["F1"].numbers.startswith(f"{n_seeds - len(failing)}/{n_seeds} seeds ({failed}); ")
+
+
+@pytest.mark.parametrize("fid, query, change, threshold, good, bad", [
+    ("F2", "finding_f2_diversity", "pass1_after - pass1_before", 0,
+     {"pass1": (0.5, 0.55, 0.7, 0.9)}, {"pass1": (0.5, 0.45, 0.4, 0.4)}),
+    ("F7", "finding_f7_transfer", "pass1_change", findings.TRANSFER_POINTS,
+     {"hard": (0.0, 0.1)}, {"hard": (0.05, 0.05)}),
+])
+def test_one_failing_seed_is_not_hidden_by_the_mean_over_seeds(tmp_path, fid, query, change, threshold, good, bad):
+    got, db = build(tmp_path, [{"cell": cell(seed=0), "kw": good}, {"cell": cell(seed=1), "kw": bad}])
+    assert store.fetch(db, query).eval(change).mean() > threshold     # the cells pooled would pass
+    assert got[fid].verdict == findings.NOT_REPRODUCED and got[fid].numbers.startswith("1/2 seeds (seed 1: ")
+
+
+KEEPS_FORMATS = {"final_t": 0.6, "collapse_at": None, "pass_k": (0.8, 0.85, 0.85, 0.85)}   # a KL that works
+MILD_EI = {"steps": 3, "checkpoints": (1, 2, 3), "final_t": 0.4, "collapse_at": None, "pass1": (0.5, 0.55, 0.6, 0.62)}
+# Per finding: a grid where it is reproduced, one where it is not, and one that lacks the cells it needs.
+VERDICT_GRIDS = {
+    "F1": ([{"cell": cell("ppo")}, {"cell": cell("grpo")}],
+           [{"cell": cell("ppo")}, {"cell": cell("grpo"), "kw": {"collapse_at": None}}],
+           [{"cell": cell("ei")}, {"cell": cell("ppo", 0.01)}]),
+    "F2": ([{"cell": cell("ppo")}],
+           [{"cell": cell("ppo"), "kw": {"pass1": (0.5, 0.45, 0.4, 0.4)}}],
+           [{"cell": cell("ei")}, {"cell": cell("grpo", 0.01)}]),
+    "F3": ([{"cell": cell("ppo")}, {"cell": cell("ppo", 0.01), "kw": KEEPS_FORMATS}],
+           [{"cell": cell("ppo")}, {"cell": cell("ppo", 0.01)}],
+           [{"cell": cell("ppo", seed=0)}, {"cell": cell("ppo", 0.01, seed=1), "kw": KEEPS_FORMATS}]),
+    "F4": ([{"cell": cell(mixture="a"), "kw": {"winner": "tinygsm"}}, {"cell": cell(mixture="b")}],
+           [{"cell": cell(mixture="a")}, {"cell": cell(mixture="b")}],
+           [{"cell": cell(mixture="a", seed=0), "kw": {"winner": "tinygsm"}}, {"cell": cell(mixture="b", seed=1)}]),
+    "F5": ([{"cell": cell(scale="s"), "kw": {"winner": "tinygsm"}},
+            {"cell": cell(scale="m"), "kw": {"winner": "text"}}],
+           [{"cell": cell(scale="s")}, {"cell": cell(scale="m"), "kw": {"winner": "text"}},   # one mixture of two
+            {"cell": cell(mixture="mix2", scale="s")}, {"cell": cell(mixture="mix2", scale="m")}],
+           [{"cell": cell(scale="s", seed=0), "kw": {"winner": "tinygsm"}},
+            {"cell": cell(scale="m", seed=1), "kw": {"winner": "text"}}]),
+    "F6": ([{"cell": cell("ppo")}, {"cell": cell("grpo")}, {"cell": cell("ei"), "kw": MILD_EI}],
+           [{"cell": cell("ppo")}, {"cell": cell("grpo")}, {"cell": cell("ei")}],
+           [{"cell": cell("ppo")}, {"cell": cell("grpo")}, {"cell": cell("ei", seed=1), "kw": MILD_EI}]),
+    "F7": ([{"cell": cell("ppo")}, {"cell": cell("ei")}],
+           [{"cell": cell("ppo")}, {"cell": cell("ei"), "kw": {"hard": (0.05, 0.05)}}],   # +5 and +0 points
+           [{"cell": cell("ppo"), "kw": {"hard": None}}]),
+}
+VERDICTS = (findings.REPRODUCED, findings.NOT_REPRODUCED, findings.NOT_MEASURABLE)
+
+
+@pytest.mark.parametrize("fid, verdict, grid", [
+    pytest.param(fid, verdict, g, id=f"{fid}-{verdict}")
+    for fid, grids in VERDICT_GRIDS.items() for verdict, g in zip(VERDICTS, grids)])
+def test_every_finding_reaches_each_of_its_verdicts(tmp_path, fid, verdict, grid):
+    got, _ = build(tmp_path, grid)
+    assert got[fid].verdict == verdict, got[fid].numbers
+    assert got[fid].numbers.startswith("needs" if verdict == findings.NOT_MEASURABLE else "1/1 seeds" if
+                                       verdict == findings.REPRODUCED else "0/1 seeds (seed 0: ")
 
 
 def test_default_store_is_the_one_of_the_config_here(tmp_path, monkeypatch):

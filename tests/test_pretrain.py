@@ -170,7 +170,7 @@ def test_loss_falls_well_below_the_unigram_entropy(world, reference):
     assert curve["lr"].max() == pytest.approx(1e-2) and curve["lr"].iloc[-1] < 2e-3
     assert np.isfinite(curve["grad_norm"]).all() and (curve["tokens_per_s"] > 0).all()
     assert summary["final_loss"] == curve["loss"].iloc[-1]
-    assert sorted(p.name for p in cell.iterdir()) == ["curve.parquet", "model"]          # no resume state left
+    assert sorted(p.name for p in cell.iterdir()) == ["curve.parquet", "machine.json", "model"]   # no resume state
 
 
 def test_checkpoint_loads_with_auto_classes_and_generates(world, reference):

@@ -113,7 +113,7 @@ def test_a_killed_job_resumes_and_ends_with_the_numbers_of_an_uninterrupted_one(
     log = finish(cmd, tmp_path / "second.log")
     assert f"resuming from {out / 'resume'} at step {saved_at} of 4" in log
     assert f"step {saved_at}/4" not in log and f"step {saved_at + 1}/4" in log   # no step done twice
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "samples.parquet", "steps.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "machine.json", "samples.parquet", "steps.parquet"]
 
     ref, got = (pd.read_parquet(d / "steps.parquet").drop(columns=TIMINGS) for d in (tmp_path / "reference", out))
     assert got.step.tolist() == [1, 2, 3, 4]

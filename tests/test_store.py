@@ -37,18 +37,20 @@ def _shares(start: dict, winner: str, t: float) -> dict:
 
 def write_fake_results(root: Path, cells: list[dict], benchmarks=("test", "hard"),
                        start=None, winner="tinygsm") -> tuple[list[str], list[dict]]:
-    """Per-cell parquet files as the pretrain, RL and eval stages write them; returns (files, grid cells).
+    """Per-cell files as the pretrain, RL and eval stages write them; returns (files, grid cells).
 
     ``cells`` are RL cells (mixture, scale, algo, kl, seed); their base cells are added. Shares move
-    from ``start`` to the ``winner`` over the RL steps, faster for a smaller KL.
+    from ``start`` to the ``winner`` over the RL steps, faster for a smaller KL. Each pretraining and RL
+    cell's machine.json (FAKE_MACHINE) comes last in the files.
     """
     start = start or {"tinygsm": 0.3, "omi1": 0.2, "text": 0.5}
-    files, grid = [], []
+    files, grid, machines = [], [], []
     bases = sorted({(c["mixture"], c["scale"], c["seed"]) for c in cells})
     for m, z, s in bases:
         d = root / f"pretrain/mixture={m}/scale={z}/seed={s}"
         files.append(_write([{"step": i, "tokens": 1000 * i, "loss": 5.0 / (i + 1), "lr": 1e-3, "grad_norm": 1.0,
                               "tokens_per_s": 5e4} for i in range(1, 6)], d / "curve.parquet"))
+        machines.append(d / "machine.json")
         grid.append({"mixture": m, "scale": z, "algo": "base", "kl": 0.0, "seed": s})
         for b in benchmarks:
             e = root / f"eval/mixture={m}/scale={z}/algo=base/kl=0/seed={s}/benchmark={b}"
@@ -67,6 +69,7 @@ def write_fake_results(root: Path, cells: list[dict], benchmarks=("test", "hard"
                          "entropy": 1.0, "clip_frac": 0.1, "approx_kl": 0.001, "value_loss": 0.5,
                          "response_len": 80.0, "trunc_rate": 0.0, "tokens_per_s": 1e4})
         files.append(_write(rows, root / f"rl/{cid}/steps.parquet"))
+        machines.append(root / f"rl/{cid}/machine.json")
         files.append(_write([{"step": 1, "prompt": "Q?\n\n", "completion": "x \\boxed{1}", "format": "text",
                               "correct": True, "answer": "1", "error": None}], root / f"rl/{cid}/samples.parquet"))
         for b in benchmarks:
@@ -75,7 +78,12 @@ def write_fake_results(root: Path, cells: list[dict], benchmarks=("test", "hard"
                      for st in STEPS[1:]]
             files.append(_write(mrows, e / "metrics.parquet"))
             files.append(_write([r for st in STEPS[1:] for r in _generation_rows(st)], e / "generations.parquet"))
-    return files, grid
+    for m in machines:
+        m.write_text(json.dumps(FAKE_MACHINE))
+    return files + [str(m) for m in machines], grid
+
+
+FAKE_MACHINE = {"cpu_model": "Fake CPU", "cpu_flags": "avx2 fma", "logical_cpus": 2, "torch_threads": 2, "gpus": None}
 
 
 def _metric_row(step: int, shares: dict, pass1: float) -> dict:
@@ -359,3 +367,32 @@ def test_the_same_cell_twice_is_an_error(results, tmp_path):
     twin.write_bytes(Path(src).read_bytes())
     with pytest.raises(store.StoreError, match="same cell"):
         store.build(root / "echo.duckdb", files + [str(twin)])
+
+
+# --- where each cell was trained: the cells' machine.json in table machines and one meta line -----------
+
+def test_machine_files_fill_the_machines_table_and_a_meta_line(results):
+    root, files, grid = results
+    db = root / "echo.duckdb"
+    files = [f for f in files if not f.endswith("machine.json")]
+    counts = store.build(db, files, cells=grid)        # cells that wrote no machine.json: no rows, no line
+    assert counts["machines"] == 0 and "machine" not in store.meta(db)
+    assert store.query(db, "SELECT count(*) AS n FROM machines", fmt="csv").split() == ["n", "0"]
+    cpu = {"cpu_model": "Test CPU 9000", "cpu_flags": "avx2 fma", "logical_cpus": 16, "torch_threads": 8,
+           "gpus": None, "torch": "2.0"}
+    described = {root / "pretrain/mixture=mixA/scale=s/seed=0": cpu,
+                 root / "rl/mixture=mixA/scale=s/algo=ppo/kl=0/seed=0": {**cpu, "gpus": "2 x Test GPU", "cuda": "12.8"}}
+    for cell, d in described.items():
+        (cell / "machine.json").write_text(json.dumps(d))
+    machine_files = [str(cell / "machine.json") for cell in described]
+    counts = store.build(db, files + machine_files, cells=grid)
+    assert counts["machines"] == 2
+    rows = json.loads(store.query(db, "SELECT * FROM machines ORDER BY algo", fmt="json"))
+    assert [(r["algo"], r["kl"], r["seed"], r["gpus"], r["cuda"]) for r in rows] == [
+        ("base", 0.0, 0, None, None), ("ppo", 0.0, 0, "2 x Test GPU", "12.8")]
+    assert rows[0]["cpu_model"] == "Test CPU 9000" and rows[0]["logical_cpus"] == 16
+    assert store.meta(db)["machine"] == "CPU Test CPU 9000; GPU 2 x Test GPU (2 cells)"
+    (root / "rl/mixture=mixA/scale=s/algo=ppo/kl=0/seed=0/machine.json").write_text("{half")
+    with pytest.raises(store.StoreError, match="rule rl") as e:
+        store.build(db, files + machine_files, cells=grid)
+    assert "machine.json is not a readable machine description" in str(e.value) and "\n" not in str(e.value)

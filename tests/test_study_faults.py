@@ -146,6 +146,9 @@ def test_a_changed_kl_value_replaces_its_cell_in_store_summary_figures_and_findi
         for table in ("cells", "rl_steps", "evals"):
             kls = {kl for (kl,) in con.execute(f"SELECT DISTINCT kl FROM {table} WHERE algo = 'ppo'").fetchall()}
             assert kls == {0.05}, (table, kls)
+        # where each trained cell of the grid ran, from the machine.json its job wrote
+        assert con.execute("SELECT algo, kl FROM machines ORDER BY ALL").fetchall() == [
+            ("base", 0.0), ("grpo", 0.0), ("ppo", 0.05)]
         pd.testing.assert_frame_equal(con.execute("SELECT * FROM evals WHERE algo = 'base' ORDER BY ALL").df(),
                                       base_rows)
     summary = (res / "summary.txt").read_text()
@@ -154,4 +157,4 @@ def test_a_changed_kl_value_replaces_its_cell_in_store_summary_figures_and_findi
     assert any(f.endswith("ppo_kl0.05.png") for f in figures) and not any(f.endswith("ppo_kl0.png") for f in figures)
     # F1 judges the PPO/GRPO cells at KL 0: only the GRPO one is in the grid now
     f1 = pd.read_csv(res / "findings.tsv", sep="\t").set_index("finding").loc["F1", "numbers"]
-    assert f1.split(";")[0].endswith("/1 cells"), f1
+    assert f1.split("; ")[1].endswith("/1 cells"), f1      # after the count of seeds

@@ -5,7 +5,7 @@ from echochamber import store
 from echochamber.io import setup_logging
 
 log = setup_logging(snakemake.log[0])
-files = [f for key in ("curves", "steps", "samples", "evals", "generations") for f in snakemake.input[key]]
+files = [f for key in ("curves", "steps", "samples", "evals", "generations", "machines") for f in snakemake.input[key]]
 try:
     counts = store.build(snakemake.output[0], files, cells=snakemake.params.cells,
                          benchmarks=snakemake.params.benchmarks, scales=snakemake.params.scales, log=log)

@@ -93,6 +93,7 @@ def cmd_findings(args) -> int:
 
     db = args.db or findings.default_db(*args.config)
     print(findings.table(findings.judge(db)))
+    print(f"machine: {findings.machine_line(db)}")
     return 0
 
 

@@ -13,8 +13,8 @@ One cell (mixture x scale x seed) is one call of :func:`run`, launched by ``acce
   ``min_lr_ratio`` x lr, gradient clipping, bf16 autocast and ``torch.compile`` when asked;
 - every ``save_every`` steps the full state (model, optimizer, scheduler, RNG, curve so far) goes
   to ``<cell>/resume/``; a restarted run with the same settings resumes there and loses at most that
-  interval; outputs are ``<cell>/model/`` (HF checkpoint + tokenizer + ``manifest.json``, written last)
-  and ``<cell>/curve.parquet``.
+  interval; outputs are ``<cell>/model/`` (HF checkpoint + tokenizer + ``manifest.json``, written last),
+  ``<cell>/curve.parquet`` and ``<cell>/machine.json`` (echochamber.machine: where it was trained).
 
 torch, transformers and accelerate are imported inside functions, so the workflow can import the
 config helpers here (:func:`settings`, :func:`check_config`) cheaply; launch arguments are in
@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from echochamber import machine as ec_machine
 from echochamber import settings as ec_settings
 from echochamber.io import atomic_path
 from echochamber.schedule import lr_factor
@@ -70,7 +71,7 @@ def settings(config: dict, scale: str, seed: int) -> dict:
     left out: they only change how the same global batch is computed, so editing them reruns nothing."""
     p = ec_settings.identity(section(config, scale))
     # the behaviour from before these settings existed: those cells keep their params
-    for key, before in (("windows", "stream"), ("documents", "by_source")):
+    for key, before in (("windows", "stream"), ("documents", "by_source"), ("decay_steps", None)):
         if p[key] == before:
             del p[key]
     return {**p, "scale": dict(config["scales"][scale]), "scale_name": scale, "seed": int(seed)}
@@ -176,7 +177,7 @@ class Trainer:
 
     def __init__(self, model, accelerator, *, lr: float, weight_decay: float, betas, eps: float,
                  warmup_steps: int, min_lr_ratio: float, grad_clip: float, total_steps: int,
-                 precision: str = "fp32", compile: bool = False):
+                 decay_steps: int | None = None, precision: str = "fp32", compile: bool = False):
         import torch
 
         from echochamber import models
@@ -191,7 +192,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps,
                                       **({"fused": True} if on_cuda else {}))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-            lr_factor, warmup=warmup_steps, total=total_steps, min_ratio=min_lr_ratio))
+            lr_factor, warmup=warmup_steps, total=total_steps, min_ratio=min_lr_ratio, decay=decay_steps))
         # The scheduler is stepped by hand (accelerate's wrapper would step it once per process).
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_for_checkpointing(self.scheduler)
@@ -326,7 +327,8 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
         n_params = models.count_params(model)
         trainer = Trainer(model, accelerator, lr=s["lr"], weight_decay=s["weight_decay"], betas=s["betas"],
                           eps=s["eps"], warmup_steps=s["warmup_steps"], min_lr_ratio=s["min_lr_ratio"],
-                          grad_clip=s["grad_clip"], total_steps=steps, precision=s["precision"],
+                          grad_clip=s["grad_clip"], total_steps=steps, decay_steps=s.get("decay_steps"),
+                          precision=s["precision"],
                           compile=s["compile"])
 
         fp = fingerprint(s, manifest)
@@ -389,6 +391,7 @@ def run(s: dict, mixture_dir: str | os.PathLike, tokenizer_dir: str | os.PathLik
             models.save_checkpoint(final, tok, cell / "model")
             with atomic_path(cell / "curve.parquet") as tmp:
                 _write_curve(rows, tmp)
+            ec_machine.write(cell)      # where this cell was trained
             for d in (RESUME, f".{RESUME}.old", f".{RESUME}.partial"):
                 shutil.rmtree(cell / d, ignore_errors=True)
             log.info("cell %s done: final loss %.4f after %d steps, %.1f s", cell, rows[-1]["loss"], steps,

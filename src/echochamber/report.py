@@ -94,6 +94,7 @@ def render_html(db_path, sets: list[plots.FigureSet], figures_rel: str, text_sum
              f"<style>{_STYLE}</style></head><body><h1>Echo chamber: results report</h1>",
              f"<p>Store: <code>{html.escape(str(db_path))}</code>, built "
              f"{html.escape(store.meta(db_path).get('built_at', '?'))}. Every number below is a query on it.</p>",
+             f"<p>Machine: {html.escape(findings.machine_line(db_path))} (table <code>machines</code>).</p>",
              "<h2>Summary</h2>", f"<pre>{html.escape(text_summary)}</pre>",
              "<h2>The paper's findings</h2>",
              _table(findings.frame(judged), "F1-F7 as this grid shows them",

@@ -9,6 +9,10 @@ Every table carries the cell coordinates as typed columns, read from the hive-st
 ``seed`` INTEGER, plus ``benchmark`` and ``step`` INTEGER where they apply. Pretraining rows are the
 ``algo='base'``, ``kl=0`` cell, as are the base model's evaluations (step 0).
 
+Table ``machines`` holds one row per cell whose job recorded where it ran (``<cell>/machine.json``,
+echochamber.machine): the coordinates and the machine's fields; ``meta`` key ``machine`` sums them up in one
+line. Cells without the file get no row.
+
 ``query`` opens the store read-only and returns a text table, CSV or JSON; saved queries live in
 ``queries/*.sql`` and can be named instead of written out.
 """
@@ -25,6 +29,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from echochamber import machine
 from echochamber.formats import FORMATS as ANSWER_FORMATS
 from echochamber.io import atomic_path, unreadable
 
@@ -272,6 +277,28 @@ def _create_table(con, spec: TableSpec, files: list[str]) -> int:
     return con.execute(f"SELECT count(*) FROM {spec.name}").fetchall()[0][0]
 
 
+def _create_machines(con, files: list[str]) -> list[dict]:
+    """Create table ``machines`` from the cells' machine.json files; return the descriptions read."""
+    cols = {**COORDS, **machine.FIELDS}
+    con.execute(f"CREATE TABLE machines ({', '.join(f'{_ident(c)} {t}' for c, t in cols.items())})")
+    described, rows = [], []
+    for f in sorted(files):
+        c = coordinates(f)
+        try:
+            d = json.loads(Path(f).read_text())
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            rule = "pretrain" if c["algo"] == BASE_ALGO else "rl"
+            raise StoreError(f"{f} is not a readable machine description ({type(e).__name__}); delete it and "
+                             f"rerun rule {rule}, which writes it") from None
+        described.append(d)
+        rows.append([c[k] for k in COORDS] + [d.get(k) for k in machine.FIELDS])
+    if rows:
+        con.executemany(f"INSERT INTO machines VALUES ({', '.join('?' * len(cols))})", rows)
+    return described
+
+
 def cell_status(cells: list[dict], files: list[str], benchmarks: list[str]) -> list[dict]:
     """One row per grid cell with its status: evaluated, trained / pretrained, or missing."""
     have: dict[tuple, set[str]] = {}
@@ -338,7 +365,8 @@ def _alive(pid: int) -> bool:
 def build(db_path: str | os.PathLike, files: list[str | os.PathLike], cells: list[dict] | None = None,
           benchmarks: list[str] | None = None, scales: list[str] | None = None, allow_missing: bool = False,
           log=None) -> dict[str, int]:
-    """Build the store at ``db_path`` from an explicit list of per-cell parquet files; return rows per table.
+    """Build the store at ``db_path`` from an explicit list of per-cell parquet files (and the cells'
+    ``machine.json``, where given); return rows per table.
 
     ``cells`` (coordinate dicts, base cells with ``algo='base'``, ``kl=0``) fill the ``cells`` table with a
     status each; by default they are read from the files' paths. ``benchmarks`` is the configured order
@@ -353,10 +381,12 @@ def build(db_path: str | os.PathLike, files: list[str | os.PathLike], cells: lis
         raise StoreError(f"input file {missing[0]} does not exist ({len(missing)} missing); "
                          f"rerun the rule that writes it")
     files = [f for f in files if Path(f).exists()]
+    machine_files = [f for f in files if Path(f).name == machine.FILE]
+    files = [f for f in files if Path(f).name != machine.FILE]
     unknown = [f for f in files if Path(f).name not in _BY_FILE]
     if unknown:
         raise StoreError(f"{unknown[0]} is not a results file the store knows "
-                         f"(expected one of {', '.join(_BY_FILE)})")
+                         f"(expected one of {', '.join([*_BY_FILE, machine.FILE])})")
     by_table = {t.name: sorted(f for f in files if Path(f).name == t.file) for t in TABLES}
     if benchmarks is None:
         benchmarks = sorted({coordinates(f, ("benchmark",))["benchmark"] for f in by_table["evals"]})
@@ -379,10 +409,14 @@ def build(db_path: str | os.PathLike, files: list[str | os.PathLike], cells: lis
                 con.executemany("INSERT INTO cells VALUES (?, ?, ?, ?, ?, ?, ?)",
                                 [tuple(r.values()) for r in status])
             counts["cells"] = len(status)
+            described = _create_machines(con, machine_files)
+            counts["machines"] = len(described)
             meta = {"built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "benchmarks": json.dumps(list(benchmarks)), "n_files": str(len(files))}
             if scales is not None:
                 meta["scales"] = json.dumps(list(scales))
+            if described:
+                meta["machine"] = machine.summary(described)
             con.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
             con.executemany("INSERT INTO meta VALUES (?, ?)", list(meta.items()))
             for name, sql in VIEWS.items():     # after meta: rl_outcomes reads the primary benchmark there

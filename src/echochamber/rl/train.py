@@ -4,6 +4,7 @@ Writes under ``out`` (``results/rl/<RLCell.id>/``):
 - ``steps.parquet``: one row per rollout step (per round for EI), written when the run completes;
   while it runs, ``steps.partial.parquet`` holds the rows so far (replaced atomically each step);
 - ``samples.parquet``: ``samples_logged`` completions per step;
+- ``machine.json``: where the cell was trained (echochamber.machine);
 - ``checkpoints/step=T/``: HF folders at ``n_checkpoints`` log-spaced steps, each episode's end and the
   last step (every round for EI). Step 0 is the base model and is not saved. ``checkpoints/manifest.json``
   (echochamber.manifest), written last, lists the planned steps and their files: consumers use it;
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from echochamber import machine as ec_machine
 from echochamber import manifest as ec_manifest
 from echochamber import models as ec_models
 from echochamber.config import ConfigError
@@ -203,6 +205,7 @@ def run(spec: dict | Settings, *, base, prompts, out, scorer=None, accelerator=N
             _save_resume(out, step, fp, trainer, rows, samples, accel)
 
     if accel.main:
+        ec_machine.write(out)       # where this cell was trained
         tables.write_table(samples, tables.SAMPLE_COLUMNS, out / "samples.parquet")
         tables.write_table(rows, tables.STEP_COLUMNS, out / "steps.parquet")
         (out / "steps.partial.parquet").unlink(missing_ok=True)
