@@ -26,6 +26,19 @@ def test_lr_schedule_at_warm_up_end_midpoint_and_last_step():
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 99)))
 
 
+def test_lr_schedule_with_a_decay_phase_holds_the_peak_until_the_last_steps():
+    # warm-up, stable, decay: 10 warm-up steps, the cosine over the last 41 of 111 steps (70..110)
+    f = [lr_factor(s, warmup=10, total=111, min_ratio=0.1, decay=41) for s in range(111)]
+    assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert f[10:71] == pytest.approx([1.0] * 61)                          # the peak holds through step 70
+    assert f[90] == pytest.approx(0.55)                                   # halfway through the decay
+    assert f[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    # a decay longer than the steps after the warm-up is the plain cosine
+    assert [lr_factor(s, warmup=10, total=111, min_ratio=0.1, decay=500) for s in range(111)] == pytest.approx(
+        [lr_factor(s, warmup=10, total=111, min_ratio=0.1) for s in range(111)])
+
+
 def test_rl_schedule_reaches_the_floor_one_step_after_the_last_as_openrlhf():
     """transformers' get_cosine_with_min_lr_schedule_with_warmup after its warm-up (OpenRLHF's schedule)."""
     g = [lr_factor(s, warmup=10, total=110, min_ratio=0.1, floor_after_last=True) for s in range(111)]

@@ -10,7 +10,8 @@ One cell (mixture x scale x seed) is one call of :func:`run`, launched by ``acce
   micro-step, for ``batch_size / (micro_batch_size * processes)`` accumulated micro-steps, so any
   process count sees the same global batch and gives the same loss curve within float tolerance;
 - AdamW (fused on CUDA; decay on matrices except the input embedding), linear warm-up then cosine to
-  ``min_lr_ratio`` x lr, gradient clipping, bf16 autocast and ``torch.compile`` when asked;
+  ``min_lr_ratio`` x lr (with ``decay_steps``: the peak held, the cosine over the last steps), gradient
+  clipping, bf16 autocast and ``torch.compile`` when asked;
 - every ``save_every`` steps the full state (model, optimizer, scheduler, RNG, curve so far) goes
   to ``<cell>/resume/``; a restarted run with the same settings resumes there and loses at most that
   interval; outputs are ``<cell>/model/`` (HF checkpoint + tokenizer + ``manifest.json``, written last),

@@ -183,6 +183,8 @@ class Pretrain(Section):
     eps: PositiveFloat = setting(1.0e-8, "AdamW epsilon")
     warmup_steps: Count = setting(30, "linear warm-up steps, then cosine to min_lr_ratio x lr")
     min_lr_ratio: Fraction = setting(0.1, "final learning rate as a fraction of lr")
+    decay_steps: Positive | None = setting(None, "hold the peak lr after the warm-up and run the cosine over the "
+                                                 "last decay_steps steps only (null: over all steps after it)")
     grad_clip: PositiveFloat = setting(1.0, "gradient-norm clip")
     save_every: Positive = setting(200, "steps between resume saves (a killed run loses at most this many)",
                                    runtime=True)
