@@ -244,3 +244,32 @@ def test_default_store_is_the_one_of_the_config_here(tmp_path, monkeypatch):
 
     assert findings.default_db(ROOT / "config.yaml", ROOT / "configs" / "mini_paper.yaml") == \
         findings.Path("results_mini_paper/echo.duckdb") == findings.default_db(ROOT / "configs" / "mini_paper.yaml")
+
+
+def write_curve(root, mixture="mix", scale="s", seed=0, steps=100, drop_at=40):
+    """A pretraining loss curve: a plateau at 0.8, a drop to 0.3 at ``drop_at`` (never when None)."""
+    rows = [{"step": s, "tokens": 2048 * s, "loss": 0.8 if drop_at is None or s < drop_at else 0.3, "lr": 1e-3,
+             "grad_norm": 1.0, "tokens_per_s": 1e4} for s in range(1, steps + 1)]
+    return _write(rows, root / f"pretrain/mixture={mixture}/scale={scale}/seed={seed}/curve.parquet")
+
+
+def test_seed_sweep_query_says_per_seed_when_the_skill_came_and_whether_ppo_showed_the_phenomenon(tmp_path):
+    """queries/seed_sweep.sql: onset is where the 50-step mean loss crosses the midpoint of its 20%-of-training
+    and final values; skill and phenomenon are the seed sweep's criteria (configs/seeds.yaml)."""
+    skilled = {"tinygsm": 0.9, "omi1": 0.8, "text": 0.05}
+    files = [write_curve(tmp_path, seed=0, drop_at=40), write_curve(tmp_path, seed=1, drop_at=80),
+             write_curve(tmp_path, seed=2, drop_at=30)]
+    files += write_cell(tmp_path, cell(seed=0), accs=skilled, pass1=(0.1, 0.5, 0.7, 0.8))
+    files += write_cell(tmp_path, cell(seed=1), accs=skilled, pass1=(0.1, 0.5, 0.7, 0.8))       # late onset
+    files += write_cell(tmp_path, cell(seed=2), accs=skilled, pass1=(0.75, 0.8, 0.8, 0.8))      # +5 points only
+    db = tmp_path / "echo.duckdb"
+    store.build(db, sorted(set(files)), benchmarks=["test", "hard"])
+    rows = store.fetch(db, store.resolve_sql("seed_sweep")).set_index("seed")
+    # the 50-step mean is a ramp from the drop over 50 steps: it crosses the midpoint 0.55 half-way, 25 steps on
+    assert rows.loc[0, "onset_step"] == 65 and rows.loc[0, "onset_frac"] == 0.65
+    # a drop at 80% of 100 steps: the final 50-step mean holds 21 steps after it, so the midpoint is 0.695
+    assert rows.loc[2, "onset_step"] == 55 and rows.loc[1, "onset_step"] == 90
+    assert rows.loc[0, "collapse_step"] == 4 and rows.loc[0, "winner"] == "omi1"
+    assert rows.loc[0, "pass1_before"] == 0.1 and rows.loc[0, "pass1_after"] == 0.8
+    assert rows["skill"].tolist() == [False, False, True]        # onsets at 65% and 90% of the steps are late
+    assert rows["phenomenon"].tolist() == [True, True, False]
