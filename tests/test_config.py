@@ -98,10 +98,10 @@ def test_an_overlay_that_names_its_base_is_a_config_on_its_own(tmp_path):
 def test_the_mini_paper_plans_the_cells_its_figures_need():
     cli = subprocess.run([sys.executable, "-m", "echochamber.cli", "validate", str(ROOT / "config.yaml"),
                           str(ROOT / "configs" / "mini_paper.yaml")], capture_output=True, text=True)
-    assert cli.returncode == 0 and "10 pretrain cells, 22 RL cells" in cli.stdout, cli.stderr
+    assert cli.returncode == 0 and "15 pretrain cells, 33 RL cells" in cli.stdout, cli.stderr
     cfg = ec_config.load(*SHIPPED[2])
     cells = grid.rl_cells(cfg)
-    assert {c.scale for c in cells} == {"s", "sm"} and len({c.seed for c in cells}) == 2
+    assert {c.scale for c in cells} == {"s", "sm"} and {c.seed for c in cells} == {0, 1, 2}   # unchosen seeds
     main = ec_config.load(SHIPPED[0][0])["grid"]["mixtures"][0]     # the embedded study's mixture
     assert cfg["grid"]["mixtures"] == [main]
     default = [c for c in cells if c.mixture == main and c.scale == "s"]
@@ -128,11 +128,12 @@ def test_larger_scales_pretrain_first(tmp_path):
                      "--config", f"results={tmp_path / 'r'}", cwd=tmp_path).stdout
     jobs = [block for block in plan.split("\n\n") if "rule pretrain:" in block]
     found = {(re.search(r"scale=(\w+)", b).group(1), int(re.search(r"priority: (\d+)", b).group(1))) for b in jobs}
-    assert len(jobs) == len(grid.pretrain_cells(cfg)) == 10
+    assert len(jobs) == len(grid.pretrain_cells(cfg)) == 15
     assert found == {("s", grid.pretrain_priority(cfg, "s")), ("sm", grid.pretrain_priority(cfg, "sm"))}
     assert grid.pretrain_priority(cfg, "sm") > grid.pretrain_priority(cfg, "s") > 0
     later = [b for b in plan.split("\n\n") if re.search(r"rule (rl|eval_\w+):", b)]
-    assert len(later) == len(grid.rl_cells(cfg)) + 64 and not any("priority:" in b for b in later)  # priority 0
+    evals = 2 * len(grid.pretrain_cells(cfg)) + 2 * len(grid.rl_cells(cfg))     # test and hard, base and RL
+    assert len(later) == len(grid.rl_cells(cfg)) + evals and not any("priority:" in b for b in later)  # priority 0
 
 
 def test_not_yaml_and_missing_file(tmp_path):
