@@ -10,7 +10,7 @@ from echochamber.data import tokenizer as ec_tokenizer
 from echochamber.formats import document
 
 TINY = {"d_model": 32, "n_layers": 2, "n_heads": 2, "mlp_hidden": 64}
-PAPER = {  # PAPER.md, "Models"
+PAPER = {  # docs/paper.md, "Pretraining data and models"
     "150M": {"d_model": 768, "n_layers": 12, "n_heads": 12, "mlp_hidden": 3072, "tie_embeddings": False},
     "1B": {"d_model": 2048, "n_layers": 16, "n_heads": 16, "mlp_hidden": 8192, "tie_embeddings": True},
 }

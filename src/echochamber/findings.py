@@ -1,4 +1,4 @@
-"""The paper's seven findings (F1-F7 of PAPER.md), judged from the results store.
+"""The paper's seven findings (F1-F7 of docs/paper.md), judged from the results store.
 
 Each finding reads its saved query (``queries/finding_f<N>_*.sql``, over the ``rl_outcomes`` view) and
 applies a criterion fixed here, written before any grid's results were looked at. The criterion is judged

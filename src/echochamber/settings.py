@@ -238,7 +238,7 @@ class EI(Section):
 
 
 class RL(Section):
-    """The ``rl`` section; defaults are the paper's (PAPER.md), config.yaml overrides them for the CPU."""
+    """The ``rl`` section; defaults are the paper's (docs/paper.md), config.yaml overrides them for the CPU."""
     prompts: Prompts = setting(help="where the prompts come from", used_by=ALL,
                                factory=lambda: Prompts(source="gsm8k"))
     episodes: PositiveFloat = setting(10.0, "passes over the prompts", used_by=PG)

@@ -17,7 +17,7 @@ import pydantic
 from echochamber import settings as ec_settings
 from echochamber.config import ConfigError, explain
 
-# The paper's settings (PAPER.md), as plain values; config.yaml overrides them for the CPU mini-study.
+# The paper's settings (docs/paper.md), as plain values; config.yaml overrides them for the CPU mini-study.
 DEFAULTS: dict = ec_settings.RL().model_dump()
 # Common keys each algorithm reads (besides its own section); the rest never reach its params.
 USES: dict[str, list[str]] = {algo: ec_settings.used_by(algo) for algo in ec_settings.ALGOS}
