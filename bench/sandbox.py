@@ -1,7 +1,8 @@
 """How many TinyGSM completions per second the reward verifies, isolated, on this machine.
 
 Compares ``reward.score_batch`` (warm sandbox pool: one fork per snippet) with the naive way, one fresh
-``python -c`` interpreter per snippet, run as many at a time as there are cores. Usage:
+``python -c`` interpreter per snippet, run as many at a time as there are cores. The tests assert no
+throughput (a busy runner would fail them); this is where it is measured. Usage:
 
     .venv/bin/python bench/sandbox.py [--n 500] [--baseline 100]
 """

@@ -40,7 +40,7 @@ def test_sandbox_exits_zero_whatever_the_snippet_does(code, error):
 
 def test_sandbox_timeout_option():
     result = one_json(cli("sandbox", "--timeout", "0.5", "-", stdin="while True:\n    pass\n"))
-    assert "timeout" in result["error"] and result["seconds"] < 1.5
+    assert "timeout" in result["error"] and "0.5 s" in result["error"]
 
 
 def test_score_prints_the_verdict():

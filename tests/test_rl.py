@@ -434,8 +434,9 @@ def test_hanging_crashing_and_hostile_code_gets_zero_reward_and_the_run_goes_on(
     crash = "def simple_math_problem() -> int:\n    return 1 // 0\n"
     hostile = ("def simple_math_problem() -> int:\n    import os\n    os.kill(os.getppid(), 9)\n"
                "    return 12\n")
-    escape = ("def simple_math_problem() -> int:\n    open('/tmp/echochamber-rl-escape', 'w').write('x')\n"
-              "    return 12\n")
+    # a write out of the snippet's directory (relative: no fixed path on this machine; tests/test_sandbox.py
+    # checks such writes are refused)
+    escape = "def simple_math_problem() -> int:\n    open('../x', 'w').write('x')\n    return 12\n"
     fine = "def simple_math_problem() -> int:\n    result = 12\n    return result\n"
     engine = ScriptedEngine(world["tok"], [hang, crash, hostile, escape])
     s = spec(algo="grpo", max_new_tokens=64, max_steps=2, samples_per_prompt=4, rollout_batch_size=1,
@@ -444,7 +445,6 @@ def test_hanging_crashing_and_hostile_code_gets_zero_reward_and_the_run_goes_on(
     steps, samples = read_run(tmp_path / "bad")
     assert steps.step.tolist() == [2 - 1, 2] and (steps.reward == 0).all() and (steps.score_errors == 1).all()
     assert samples.error.notna().all() and not samples.correct.any()
-    assert not __import__("pathlib").Path("/tmp/echochamber-rl-escape").exists()
     # and a correct program is still rewarded after all that
     verdict = core.score([fine], ["12"])[0]
     assert verdict.correct and verdict.format == "tinygsm"

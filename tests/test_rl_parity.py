@@ -4,12 +4,13 @@ against a small hand-written reference of that implementation, on seeded tensors
 the plain way, so they share no code with the vectorised library."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from echochamber.rl import core, ppo
-from test_rl import ScriptedEngine, make_trainer, prompts_of, world  # noqa: F401 - the tiny model fixture
+from echochamber.rl import core, grpo, ppo, settings
+from test_rl import ScriptedEngine, make_trainer, prompts_of, spec, world  # noqa: F401 - the tiny model fixture
 
 EPS, VCLIP = 0.2, 0.2
 
@@ -99,6 +100,34 @@ def test_kl_estimators_match_their_formulas():
     assert (k1[~mask] == 0).all() and (k3[~mask] == 0).all()
 
 
+def ref_kl(kind: str, logp: float, ref: float) -> float:
+    """Schulman's estimators of KL(policy || reference) for one token sampled from the policy."""
+    d = logp - ref                                                  # log p - log q
+    return {"k1": d, "k2": d * d / 2, "k3": math.exp(-d) - 1 + d}[kind]
+
+
+@pytest.mark.parametrize("how", core.LOSS_AGGREGATIONS)
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_grpos_kl_loss_term_matches_the_formula_for_each_estimator_and_reduction(kind, how):
+    # GRPO's own loss term (GRPOTrainer.extra_loss), summed over micro-batches like the trainer, against the
+    # estimator written out per token and reduced by the reference; a coefficient far from 0 and 1
+    mask, t = padded_batch(6)
+    coef = 0.37
+    s = settings.Settings.from_spec(spec(algo="grpo", kl_coef=coef, loss_agg=how, grpo=dict(kl_estimator=kind)))
+    trainer = SimpleNamespace(s=s)
+    n = mask.shape[0]
+    for micro in (2, 4, 8):
+        chunks = [slice(k, k + micro) for k in range(0, n, micro)]
+        counts = dict(n_seqs=n, n_tokens=int(mask.sum()), n_micro=len(chunks))
+        got = sum(float(grpo.GRPOTrainer.extra_loss(
+            trainer, SimpleNamespace(ref_logprobs=t["old"][c], response_mask=mask[c]), t["logp"][c], counts))
+            for c in chunks)
+        want = coef * ref_reduce(lambda i, j: ref_kl(kind, float(t["logp"][i, j]), float(t["old"][i, j])),
+                                 t, mask, how, micro)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7), (kind, how, micro)
+        assert abs(want) > 1e-3                                     # the term is there to be checked
+
+
 def test_whitening_uses_the_population_variance():
     mask, t = padded_batch(4)
     xs = [float(t["adv"][i, j]) for i, j in mask.nonzero().tolist()]
@@ -166,6 +195,107 @@ def packed_reference_grads(tr, exp, chunks, temperature):
     grads = [p.grad.clone() for p in tr.policy.parameters()]
     tr.policy.zero_grad(set_to_none=True)
     return grads
+
+
+def reference_grads(params, policy, exp, idx, how: str, micro: int, temperature: float, coef: float = 0.0,
+                    kind: str = "k3") -> list[torch.Tensor]:
+    """The gradient of GRPO's minibatch loss written out per sequence: the clipped surrogate plus ``coef``
+    times the KL estimator, each token's term reduced by ``how`` over the minibatch ``idx`` (packed:
+    consecutive rows of ``idx`` in micro-batches of ``micro``). Shares no code with the library's losses."""
+    rows = idx.tolist()
+    n_tokens = int(exp.response_mask[idx].sum())
+    groups = [rows[k:k + micro] for k in range(0, len(rows), micro)] if how == "microbatch_token_mean" else [rows]
+    for p in params:
+        p.grad = None
+    total = 0.0
+    for group in groups:
+        mb = exp.select(torch.tensor(group))
+        logits = core.policy_logits(policy, mb) / temperature
+        logp = logits.log_softmax(-1).gather(-1, mb.response_ids[..., None])[..., 0]
+        group_tokens = int(mb.response_mask.sum())
+        for r in range(len(group)):
+            m = mb.response_mask[r]
+            lp = logp[r][m]
+            ratio, adv = (lp - mb.old_logprobs[r][m]).exp(), mb.advantages[r][m]
+            d = lp - mb.ref_logprobs[r][m]
+            kl = {"k1": d, "k2": d.square() / 2, "k3": torch.exp(-d) - 1 + d}[kind]
+            term = -torch.minimum(ratio * adv, ratio.clamp(1 - EPS, 1 + EPS) * adv) + coef * kl
+            if how == "seq_mean":
+                total = total + term.mean() / len(rows)
+            elif how == "token_mean":
+                total = total + term.sum() / n_tokens
+            else:
+                total = total + term.sum() / group_tokens / len(groups)
+    total.backward()
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def grpo_batch(world, **kw):  # noqa: F811
+    """A GRPO trainer (learning rate 0: a step moves nothing) with a rollout of known text, random
+    advantages, reference log-probs away from the policy's (so that every KL estimator has a gradient),
+    and a shuffled minibatch of 8."""
+    tr = make_trainer(world, algo="grpo", train_batch_size=8, micro_batch_size=2, temperature=0.7,
+                      max_new_tokens=24, actor_lr=0.0, **kw)
+    tr.engine = ScriptedEngine(world["tok"], ["7", "The answer is 12 apples in all.", "def f():\n    return 3\n",
+                                              "no", "x = 4\nprint(x)\nso the total is 4", "It is 9."])
+    prompts, golds = prompts_of(world)
+    exp, _, _ = tr.rollout(prompts, golds)
+    g = torch.Generator().manual_seed(0)
+    mask = exp.response_mask
+    exp.advantages = torch.randn(len(exp), 1, generator=g).expand_as(exp.response_ids).masked_fill(
+        ~mask, 0.0).contiguous()
+    exp.ref_logprobs = (exp.old_logprobs + 0.5 * torch.randn(exp.old_logprobs.shape, generator=g)).masked_fill(
+        ~mask, 0.0)
+    idx = torch.randperm(len(exp), generator=g)[:8]
+    return tr, exp, idx
+
+
+@pytest.mark.parametrize("how", core.LOSS_AGGREGATIONS)
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_the_grpo_trainers_gradient_includes_the_kl_term_as_written_out(world, kind, how):  # noqa: F811
+    coef = 0.3
+    tr, exp, idx = grpo_batch(world, kl_coef=coef, loss_agg=how, grad_clip=1e9,    # no clipping: raw gradients
+                              grpo=dict(kl_estimator=kind))
+    params = list(tr.policy.parameters())
+    want = reference_grads(params, tr.policy, exp, idx, how, 2, 0.7, coef, kind)
+    without = reference_grads(params, tr.policy, exp, idx, how, 2, 0.7, 0.0, kind)
+    assert max(float((w - o).abs().max()) for w, o in zip(want, without)) > 1e-3   # the KL term moves it
+    tr.opt.zero_grad = lambda *a, **k: None            # keep the trainer's gradient for the comparison
+    tr._minibatch_step(exp, idx)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad, w, atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_clipping_scales_the_policy_and_critic_gradients_down_to_the_clip(world):  # noqa: F811
+    clip = 1e-3
+    tr, exp, idx = grpo_batch(world, kl_coef=0.3, loss_agg="microbatch_token_mean", grad_clip=clip)
+    params = list(tr.policy.parameters())
+    raw = reference_grads(params, tr.policy, exp, idx, "microbatch_token_mean", 2, 0.7, 0.3, "k3")
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in raw])))
+    assert norm > 10 * clip                                          # clipping has work to do
+    tr.opt.zero_grad = lambda *a, **k: None
+    out = tr._minibatch_step(exp, idx)
+    assert out["grad_norm"] == pytest.approx(norm, rel=1e-4)         # logged: the norm before clipping
+    for p, g in zip(params, raw):                                    # used: the gradient scaled to the clip
+        torch.testing.assert_close(p.grad, g * (clip / (norm + 1e-6)), atol=1e-9, rtol=1e-4)
+    clipped = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+    assert clipped == pytest.approx(clip, rel=1e-4)
+
+    # PPO's critic is clipped by the same setting
+    tr = make_trainer(world, algo="ppo", train_batch_size=8, micro_batch_size=4, actor_lr=0.0, critic_lr=0.0,
+                      grad_clip=clip)
+    prompts, golds = prompts_of(world)
+    exp, _, _ = tr.rollout(prompts, golds)
+    exp, _ = tr.advantages(exp)
+    exp.returns = exp.returns + 5.0 * exp.response_mask            # far from the values: a large critic gradient
+    tr.critic_opt.zero_grad = lambda *a, **k: None
+    out = tr._minibatch_step(exp, torch.arange(8))
+    critic = [p.grad for p in tr.critic.parameters() if p.grad is not None]
+    clipped = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in critic])))
+    assert out["critic_grad_norm"] > 10 * clip and clipped == pytest.approx(clip, rel=1e-4)
 
 
 def test_packed_micro_batches_are_consecutive_rows_of_the_shuffled_minibatch(world):  # noqa: F811

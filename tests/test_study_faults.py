@@ -126,18 +126,23 @@ def ran(proc) -> set[str]:
     return {line.split()[1].rstrip(":") for line in out.splitlines() if line.startswith(("rule ", "localrule "))}
 
 
-def test_a_changed_kl_value_replaces_its_cell_in_store_summary_figures_and_findings(done):
-    """Last in this module: it changes the grid (PPO at KL 0 -> 0.05, and a GRPO cell)."""
-    res, db = done["results"], done["db"]
+def test_a_changed_kl_value_replaces_its_cell_in_store_summary_figures_and_findings(done, tmp_path):
+    """It changes the grid (PPO at KL 0 -> 0.05, and a GRPO cell): on a copy of the finished study, so that
+    the other tests of this module find the study as the fixture left it, in whatever order they run."""
+    root = tmp_path / "study"
+    shutil.copytree(done["root"], root)             # file times kept: nothing is out of date in the copy
+    res = root / "results"
+    db = res / done["db"].relative_to(done["results"])
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT DISTINCT algo, kl FROM cells WHERE kind = 'rl'").fetchall() == [("ppo", 0.0)]
         base_rows = con.execute("SELECT * FROM evals WHERE algo = 'base' ORDER BY ALL").df()
-    old_cell = done["rl"].parent
+    old_cell = res / done["rl"].parent.relative_to(done["results"])
     cfg = yaml.safe_load(done["config"].read_text())
+    cfg["results"] = str(res)
     cfg["grid"]["algos"] = {"ppo": {"kl": [0.05]}, "grpo": {"kl": [0.0]}}
-    edited = done["root"] / "edited.yaml"
+    edited = root / "edited.yaml"
     edited.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    second = snakemake("--cores", "2", f"--configfile={edited}", cwd=done["root"])
+    second = snakemake("--cores", "2", f"--configfile={edited}", cwd=root)
     assert {"rl", "eval_rl", "ingest", "report"} <= ran(second)
     assert not ran(second) & {"pretrain", "eval_base", "tokenizer", "make_source"}, ran(second)
 

@@ -15,14 +15,19 @@ confines itself before running the snippet:
   user namespace otherwise); where the kernel refuses, Landlock and the in-process guard still block TCP;
 - a private /tmp: in its own mount namespace the worker covers /tmp, /var/tmp and /dev/shm with small
   tmpfs mounts nobody else sees, and makes each child's fresh directory there;
-- Landlock (where the kernel has it): writes only inside the child's fresh temporary directory, reads
-  only under the Python installation and system libraries, no TCP, no signals to processes outside;
-- an in-process audit hook (a second line, not the boundary): no sockets, subprocesses, fork, exec,
-  kill, or file writes outside the directory;
+- Landlock (where the kernel has it): writes only inside the child's fresh temporary directory; reads
+  only of the interpreter, its standard library, the packages snippets may import (``confinement.PACKAGES``)
+  and system libraries, found from where they live, never from the caller's ``sys.path``, working directory,
+  home or project; no TCP, no signals to processes outside;
+- an in-process audit hook (a second line, not the boundary; the only limit on reads without Landlock):
+  no sockets, subprocesses, fork, exec, kill, file writes outside the directory, or reads and listings
+  outside what Landlock would allow;
 - an empty environment, stdin from /dev/null, stdout and stderr captured up to ``max_output`` (a child
   that prints more is killed).
 
-Each optional layer is probed when a worker starts; :func:`isolation_report` says which are active.
+Each optional layer is probed when a worker starts; :func:`isolation_report` says which are active, and
+the pool logs it once per process (``echochamber.sandbox``), with a warning where reads are not confined.
+docs/sandbox.md: the layers, what a snippet can read, and what happens without Landlock.
 
 Whatever the snippet does (``exit()``, ``os._exit``, a segfault, ignoring signals, a C-level endless
 computation), the caller gets a :class:`SandboxResult`; a worker that dies anyway is replaced.
@@ -41,7 +46,8 @@ Names are re-exported here lazily: a worker imports ``echochamber.sandbox.worker
 
 from __future__ import annotations
 
-__all__ = ["MAX_CODE", "MODES", "SandboxPool", "SandboxResult", "default_pool", "isolation_report", "run_snippet"]
+__all__ = ["MAX_CODE", "MODES", "ReadsNotConfined", "SandboxPool", "SandboxResult", "default_pool", "isolation_report",
+           "run_snippet"]
 _LAZY = {name: "echochamber.sandbox.pool" for name in [*__all__, "_WORKER_TAG"]}
 
 

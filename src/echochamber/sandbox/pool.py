@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import atexit
+import logging
 import os
 import sys
 import time
@@ -17,6 +18,16 @@ MODES = ("auto", "function", "expression", "script")
 MAX_CODE = 1_000_000            # characters; longer snippets are refused without running
 _GRACE = 10.0                   # seconds a worker may overrun a snippet's timeout before it is replaced
 _WORKER_TAG = "echochamber-sandbox-worker"
+# Set to 1 to refuse to run snippets where reads cannot be confined (no Landlock); docs/sandbox.md.
+REQUIRE_LANDLOCK_ENV = "ECHOCHAMBER_SANDBOX_REQUIRE_LANDLOCK"
+
+log = logging.getLogger("echochamber.sandbox")
+
+
+class ReadsNotConfined(BaseException):
+    """Raised instead of running snippets where reads cannot be confined and ``REQUIRE_LANDLOCK_ENV`` is 1.
+    Not an ``Exception``: the RL loop turns a scorer's exception into reward 0 and goes on, and this must
+    end the job."""
 
 
 @dataclass
@@ -35,12 +46,16 @@ class SandboxResult:
 class _Worker:
     """One worker process and its pipes."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str, landlock: bool = True):
         import subprocess
 
-        path = [str(Path(__file__).resolve().parents[2])] + [p for p in sys.path if os.path.isabs(p)]
+        avoid = _private_places()
+        # The worker finds echochamber and the caller's libraries, never the caller's directories.
+        path = [str(Path(__file__).resolve().parents[2])] + [
+            p for p in sys.path if os.path.isabs(p) and os.path.realpath(p) not in avoid]
+        context = {"avoid": avoid, "landlock": landlock}
         boot = (f"import sys; sys.path[:] = {path!r}; "
-                "from echochamber.sandbox.worker import _worker_main; _worker_main()")
+                f"from echochamber.sandbox.worker import _worker_main; _worker_main({context!r})")
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-X", "utf8", "-c", boot, _WORKER_TAG, token],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_worker_env(), cwd="/",
@@ -80,6 +95,36 @@ class _Worker:
         self.kill()
 
 
+def _private_places() -> list[str]:
+    """The caller's places no snippet may read, whatever ``sys.path`` holds: the working directory, the
+    home directory, and the project when echochamber runs from its checkout (``src/`` layout)."""
+    places = [os.environ.get("HOME"), os.path.expanduser("~")]
+    try:
+        places.append(os.getcwd())
+    except OSError:
+        pass
+    package_root = Path(__file__).resolve().parents[2]
+    if package_root.name == "src":
+        places.append(str(package_root.parent))
+    return sorted({os.path.realpath(p) for p in places if p and os.path.isabs(p)})
+
+
+_announced: set = set()                 # (process, isolation) pairs already in the log
+
+
+def _announce(isolation: dict) -> None:
+    """Say once per process, in the job's log, which layers the sandbox has; warn if reads are open."""
+    key = (os.getpid(), repr(sorted(isolation.items())))
+    if key in _announced:
+        return
+    _announced.add(key)
+    log.info("sandbox isolation: %s", "; ".join(f"{k}: {v}" for k, v in isolation.items()))
+    if not isolation.get("reads_confined"):
+        log.warning("sandbox: reads are NOT confined on this machine (no Landlock): model-written code can "
+                    "read what this process can read, through ctypes; set %s=1 to refuse to run instead "
+                    "(docs/sandbox.md)", REQUIRE_LANDLOCK_ENV)
+
+
 def _worker_env() -> dict:
     """Nothing of the caller's environment but the dynamic loader's path; numerical libraries that
     a worker may import on demand are told to start no threads (children may not)."""
@@ -117,6 +162,7 @@ class SandboxPool:
         self._workers: list[_Worker] = []
         self._lock = _thread.allocate_lock()
         self._pid = os.getpid()
+        self._landlock = True                                 # False: tests of the fallback without it
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def __enter__(self) -> SandboxPool:
@@ -137,14 +183,28 @@ class SandboxPool:
 
     def _start(self, count: int) -> None:
         """Start workers until there are ``count``; they import in parallel."""
-        fresh = [_Worker(self.token) for _ in range(count - len(self._workers))]
-        for worker in fresh:
-            self.isolation = worker.hello()
+        fresh = [_Worker(self.token, self._landlock) for _ in range(count - len(self._workers))]
         self._workers.extend(fresh)
+        try:
+            for worker in fresh:
+                self.isolation = worker.hello()
+        except BaseException:
+            for worker in fresh:
+                worker.kill()
+                self._workers.remove(worker)
+            raise
+        if self.isolation is not None:
+            self._check(self.isolation)
+
+    def _check(self, isolation: dict) -> None:
+        _announce(isolation)
+        if os.environ.get(REQUIRE_LANDLOCK_ENV) == "1" and not isolation.get("reads_confined"):
+            raise ReadsNotConfined(f"the sandbox cannot confine reads on this machine (no Landlock) and "
+                                   f"{REQUIRE_LANDLOCK_ENV}=1 asks for that: no snippet runs")
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.kill()
-        fresh = _Worker(self.token)
+        fresh = _Worker(self.token, self._landlock)
         fresh.hello()
         self._workers[self._workers.index(worker)] = fresh
         return fresh

@@ -140,12 +140,14 @@ def _read_exact(fd: int, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _worker_main() -> None:
-    """Entry point of a worker process (started by :class:`SandboxPool`)."""
+def _worker_main(context: dict | None = None) -> None:
+    """Entry point of a worker process (started by :class:`SandboxPool`). ``context``: the caller's
+    private places (``avoid``: working directory, home, project) and whether to use Landlock."""
     import gc
     import importlib
     import shutil
 
+    context = context or {}
     for name in _PRELOAD:
         try:
             importlib.import_module(name)
@@ -153,7 +155,8 @@ def _worker_main() -> None:
             pass
     proto_in, proto_out = os.dup(0), os.dup(1)
     _Confinement.prepare_streams()
-    box = _Confinement()
+    box = _Confinement(avoid=context.get("avoid", ()), landlock=context.get("landlock", True))
+    box.narrow_import_path()
     box.isolate_worker()
     base = _scratch_base()
     box.probe(base)
