@@ -38,6 +38,7 @@ lint: $(STAMP)
 	$(BIN)/snakemake --lint
 	$(BIN)/snakemake --lint --configfile configs/paper.yaml
 	$(BIN)/snakemake --lint --configfile configs/mini_paper.yaml
+	$(BIN)/snakemake --lint --configfile configs/seeds.yaml
 
 clean-results:
 	rm -rf results .snakemake

@@ -12,11 +12,13 @@ import yaml
 from conftest import ROOT, snakemake, tiny_config, write_config
 from echochamber import config as ec_config
 from echochamber import grid
+from echochamber import pretrain as ec_pretrain
+from echochamber.rl import settings as rl_settings
 
 GOOD = yaml.safe_load((ROOT / "config.yaml").read_text())
-# The shipped configs as users pass them: the mini-paper is an overlay on config.yaml.
+# The shipped configs as users pass them: the mini-paper and the seed sweep are overlays on config.yaml.
 SHIPPED = [(ROOT / "config.yaml",), (ROOT / "configs" / "paper.yaml",), (ROOT / "configs" / "mini_paper.yaml",),
-           (ROOT / "config.yaml", ROOT / "configs" / "mini_paper.yaml")]
+           (ROOT / "config.yaml", ROOT / "configs" / "mini_paper.yaml"), (ROOT / "configs" / "seeds.yaml",)]
 
 
 def mutate(fn):
@@ -114,6 +116,19 @@ def test_the_mini_paper_plans_the_cells_its_figures_need():
     assert [cfg["mixtures"][m]["omi1"] / base["omi1"] for m in sweep] == pytest.approx([2, 4, 8])
     assert all({k: v for k, v in cfg["mixtures"][m].items() if k != "omi1"} ==
                {k: v for k, v in base.items() if k != "omi1"} for m in sweep)
+
+
+def test_the_seed_sweep_is_the_embedded_study_at_eight_seeds_under_ppo_at_kl_0():
+    """configs/seeds.yaml: every seed 0-7, none left out, and nothing of the embedded study changed but the
+    seeds, the algorithms and how many threads a pretraining job takes (a runtime setting)."""
+    sweep, default = ec_config.load(*SHIPPED[4]), ec_config.load(*SHIPPED[0])
+    assert sweep["grid"]["seeds"] == list(range(8))
+    assert {(c.algo, c.kl) for c in grid.rl_cells(sweep)} == {("ppo", 0.0)}
+    assert len(grid.rl_cells(sweep)) == len(grid.pretrain_cells(sweep)) == 8
+    for z in default["grid"]["scales"]:
+        assert ec_pretrain.settings(sweep, z, 0) == ec_pretrain.settings(default, z, 0)   # the same models
+    assert rl_settings.cell_spec(sweep, grid.rl_cells(sweep)[0]) == rl_settings.cell_spec(
+        default, next(c for c in grid.rl_cells(default) if c.algo == "ppo" and c.kl == 0 and c.seed == 0))
 
 
 def test_larger_scales_pretrain_first(tmp_path):
