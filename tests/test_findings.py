@@ -151,7 +151,7 @@ def test_cli_prints_seven_rows_the_machine_and_a_missing_store_in_one_line(tmp_p
     lines = out.stdout.strip().splitlines()
     assert lines[0].split()[:3] == ["finding", "name", "verdict"]
     assert [ln.split()[0] for ln in lines[1:8]] == [f"F{n}" for n in range(1, 8)]
-    assert lines[8:] == ["machine: CPU Test CPU 9000; GPU none (1 cell)"]
+    assert lines[8:] == ["machine: CPU Test CPU 9000 (no AVX2); GPU none; torch threads ? (1 cell)"]
     _, unrecorded = build(tmp_path / "b", [{"cell": cell("ppo")}])      # cells that wrote no machine.json
     assert findings.machine_line(unrecorded).startswith("not recorded")
     missing = subprocess.run([sys.executable, "-m", "echochamber.cli", "findings", "--db", str(tmp_path / "no.duckdb")],

@@ -32,7 +32,10 @@ def test_without_cpuinfo_the_model_comes_from_platform(monkeypatch):
     assert d["cpu_flags"] == ""
 
 
-def test_the_summary_names_the_distinct_cpus_and_gpus():
-    a, b = {"cpu_model": "A", "gpus": None}, {"cpu_model": "B", "gpus": "NVIDIA H100"}
-    assert machine.summary([a]) == "CPU A; GPU none (1 cell)"
-    assert machine.summary([a, b, b]) == "CPU A | B; GPU NVIDIA H100 (3 cells)"
+def test_the_summary_names_the_distinct_cpus_gpus_and_thread_counts():
+    a = {"cpu_model": "AMD EPYC", "cpu_family": "25", "cpu_model_number": "1", "cpu_flags": "avx2 fma",
+         "gpus": None, "torch_threads": 1}
+    b = {"cpu_model": "B", "cpu_flags": "", "gpus": "NVIDIA H100", "torch_threads": 2}
+    assert machine.summary([a]) == "CPU AMD EPYC (family 25 model 1, avx2 fma); GPU none; torch threads 1 (1 cell)"
+    assert machine.summary([a, b, b]) == ("CPU AMD EPYC (family 25 model 1, avx2 fma) | B (no AVX2); "
+                                          "GPU NVIDIA H100; torch threads 1/2 (3 cells)")

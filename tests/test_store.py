@@ -391,7 +391,7 @@ def test_machine_files_fill_the_machines_table_and_a_meta_line(results):
     assert [(r["algo"], r["kl"], r["seed"], r["gpus"], r["cuda"]) for r in rows] == [
         ("base", 0.0, 0, None, None), ("ppo", 0.0, 0, "2 x Test GPU", "12.8")]
     assert rows[0]["cpu_model"] == "Test CPU 9000" and rows[0]["logical_cpus"] == 16
-    assert store.meta(db)["machine"] == "CPU Test CPU 9000; GPU 2 x Test GPU (2 cells)"
+    assert store.meta(db)["machine"] == "CPU Test CPU 9000 (avx2 fma); GPU 2 x Test GPU; torch threads 8 (2 cells)"
     (root / "rl/mixture=mixA/scale=s/algo=ppo/kl=0/seed=0/machine.json").write_text("{half")
     with pytest.raises(store.StoreError, match="rule rl") as e:
         store.build(db, files + machine_files, cells=grid)

@@ -74,9 +74,18 @@ def write(cell: str | os.PathLike) -> Path:
     return path
 
 
+def cpu_line(d: dict) -> str:
+    """One CPU as a reader needs it to compare figures: model, vendor family/model numbers, the flags of FLAGS."""
+    numbers = f"family {d['cpu_family']} model {d['cpu_model_number']}" if d.get("cpu_family") else None
+    parts = [p for p in (numbers, d.get("cpu_flags") or "no AVX2") if p]
+    return f"{d.get('cpu_model') or '?'} ({', '.join(parts)})"
+
+
 def summary(described: list[dict]) -> str:
-    """One line over several descriptions: the distinct CPU models and GPU names, and how many cells."""
-    cpus = sorted({d.get("cpu_model") or "?" for d in described})
+    """One line over several descriptions: the distinct CPUs and GPUs, the thread counts, and how many cells."""
+    cpus = sorted({cpu_line(d) for d in described})
     gpus = sorted({d["gpus"] for d in described if d.get("gpus")})
+    threads = sorted({d["torch_threads"] for d in described if d.get("torch_threads")})
     n = len(described)
-    return f"CPU {' | '.join(cpus)}; GPU {' | '.join(gpus) or 'none'} ({n} cell{'s' * (n != 1)})"
+    return (f"CPU {' | '.join(cpus)}; GPU {' | '.join(gpus) or 'none'}; torch threads "
+            f"{'/'.join(map(str, threads)) or '?'} ({n} cell{'s' * (n != 1)})")
