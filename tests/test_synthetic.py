@@ -117,3 +117,38 @@ def test_same_seed_gives_byte_identical_parquet(tmp_path):
     assert _digest(a) == _digest(b)
     assert _digest(a) != _digest(c)
     assert pq.read_schema(a).names == ["source", "id", "question", "solution", "answer", "split", "difficulty"]
+
+
+def _returns(solution: str) -> int:
+    fn = formats.extract_function(solution)
+    env = {}
+    exec(fn.source, env)  # our own generated code
+    return env[fn.name]()
+
+
+def test_unchecked_solutions_copy_one_number_wrong_and_leave_the_rest_as_they_were():
+    """``errors``: a share of the train solutions computes a wrong answer (one number off by 1-9, the question
+    and the gold kept), drawn from its own stream: every other row is byte for byte that of ``errors=0``."""
+    clean = rows("tinygsm", n=1000)
+    noisy = synthetic.generate("s", "tinygsm", "train", 1000, seed=7, difficulty=EASY, errors=0.3)
+    assert [r["question"] for r in noisy] == [r["question"] for r in clean]
+    assert [r["answer"] for r in noisy] == [r["answer"] for r in clean]
+    changed = [(c, n) for c, n in zip(clean, noisy) if c["solution"] != n["solution"]]
+    assert 0.25 < len(changed) / len(clean) < 0.35
+    for c, n in changed:
+        assert _returns(n["solution"]) != int(n["answer"]) or "//" in n["solution"]   # a quotient may still agree
+        diff = [(a, b) for a, b in zip(c["solution"].splitlines(), n["solution"].splitlines()) if a != b]
+        assert len(diff) == 1 and re.fullmatch(r"\s+\w+ = \d+", diff[0][1])       # one number, in one line
+        assert n["question"] in n["solution"]                                     # the docstring is the question
+    wrong = sum(_returns(n["solution"]) != int(n["answer"]) for _, n in changed)
+    assert wrong / len(changed) > 0.9
+    omi1 = synthetic.generate("s", "omi1", "train", 200, seed=7, difficulty=EASY, errors=1.0)
+    assert all(r["solution"].splitlines()[-1].startswith("Thus") for r in omi1)  # every format can carry them
+
+
+def test_a_source_setting_errors_reaches_its_train_split_only():
+    spec = {"kind": "synthetic", "render": "tinygsm", "n_train": 200, "n_test": 50, "n_hard": 50, "seed": 3,
+            "difficulty": EASY.__dict__, "hard": HARD.__dict__}
+    clean, noisy = synthetic_splits("tg", spec), synthetic_splits("tg", {**spec, "errors": 0.5})
+    assert noisy["test"] == clean["test"] and noisy["hard"] == clean["hard"]
+    assert sum(a != b for a, b in zip(clean["train"], noisy["train"])) > 50

@@ -12,11 +12,14 @@ integer gold answer. The renderers mirror the real datasets' shapes:
 
 Two general corpora stand in for FineMath (arithmetic prose) and Algebraic-Stack (small Python
 programs), and ``gsm8k`` renders problems in GSM8K's own answer style (``#### answer``) for RL prompts
-and evaluation. Everything is seeded: the same (seed, source, split) gives the same rows.
+and evaluation. Everything is seeded: the same (seed, source, split) gives the same rows. A source may carry
+``errors``: a share of its train solutions with one number copied wrong, as in generated data nobody checked
+(TinyGSM's GPT-3.5 solutions were not verified; OMI1's were filtered to correct answers).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import zlib
 from dataclasses import dataclass, field
@@ -213,6 +216,25 @@ def render_gsm8k(p: Problem) -> str:
 RENDERERS = {"tinygsm": render_tinygsm, "omi1": render_omi1, "omi2": render_omi2, "gsm8k": render_gsm8k}
 
 
+def with_a_wrong_number(p: Problem, rng: random.Random) -> Problem | None:
+    """``p`` as an unchecked generator might solve it: one step's number copied wrong (off by 1 to 9), the
+    values after it recomputed, the question and gold answer kept. None when every step divides (a wrong
+    divisor need not divide)."""
+    k = [i for i, s in enumerate(p.steps) if s.op != "div"]
+    if not k:
+        return None
+    i = rng.choice(k)
+    steps, value = [], p.start
+    for j, s in enumerate(p.steps):
+        operand = s.operand
+        if j == i:
+            operand += rng.choice([d for d in range(-9, 10) if d and operand + d >= 1])
+        value = {"add": value + operand, "sub": value - operand, "mul": value * operand, "sell": value * operand,
+                 "div": value // operand}[s.op]
+        steps.append(dataclasses.replace(s, operand=operand, value=value))
+    return dataclasses.replace(p, steps=steps, answer=value)
+
+
 # --- general corpora ---------------------------------------------------------------------------
 
 def _fact(rng: random.Random) -> str:
@@ -269,14 +291,16 @@ CORPORA = {"prose_corpus": render_prose_corpus, "code_corpus": render_code_corpu
 # --- splits ------------------------------------------------------------------------------------
 
 def generate(source: str, render: str, split: str, n: int, *, seed: int,
-             difficulty: Difficulty, exclude: set[str] | None = None) -> list[dict]:
+             difficulty: Difficulty, exclude: set[str] | None = None, errors: float = 0.0) -> list[dict]:
     """``n`` rows of one source and split, as dicts in ``SCHEMA``'s column order.
 
-    ``exclude`` holds questions to skip (for example the train questions when making test).
+    ``exclude`` holds questions to skip (for example the train questions when making test). ``errors``: the
+    share of solutions written :func:`with_a_wrong_number` (drawn from a stream of its own, so the problems
+    and every other solution are those of ``errors=0``); the ``answer`` column stays the gold answer.
     """
     if render not in RENDERS:
         raise ValueError(f"unknown render {render!r}; allowed: {', '.join(RENDERS)}")
-    rng = _rng(seed, source, split)
+    rng, mistakes = _rng(seed, source, split), _rng(seed, source, split, "errors")
     rows, seen = [], set(exclude or ())
     while len(rows) < n:
         pid = f"{source}-{split}-{len(rows)}"
@@ -288,7 +312,10 @@ def generate(source: str, render: str, split: str, n: int, *, seed: int,
             if p.question in seen:
                 continue
             seen.add(p.question)
-            question, solution, answer, level = p.question, RENDERERS[render](p), str(p.answer), len(p.steps)
+            written = p
+            if errors and mistakes.random() < errors:
+                written = with_a_wrong_number(p, mistakes) or p
+            question, solution, answer, level = p.question, RENDERERS[render](written), str(p.answer), len(p.steps)
         rows.append({"source": source, "id": pid, "question": question, "solution": solution,
                      "answer": answer, "split": split, "difficulty": level})
     return rows
