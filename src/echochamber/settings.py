@@ -101,8 +101,9 @@ class SyntheticSource(Section):
     n_train: Count | None = setting(None, "train problems of this source (null: data.synthetic.n_train)")
     n_test: Count | None = setting(None, "test problems of this source (null: data.synthetic.n_test)")
     n_hard: Count | None = setting(None, "hard problems of this source (null: data.synthetic.n_hard)")
-    errors: Fraction = setting(0.0, "share of the train solutions with one number copied wrong, as in generated "
-                                    "data nobody checked (TinyGSM's); test and hard stay correct")
+    errors: Fraction | None = setting(None, "share of the train solutions with one number copied wrong, as in "
+                                            "generated data nobody checked (TinyGSM's); test and hard stay correct "
+                                            "(null: none)")
 
 
 class HubSource(Section):
