@@ -25,7 +25,8 @@ def synthetic_splits(name: str, spec: dict) -> dict[str, list[dict]]:
     easy = synthetic.Difficulty(**spec["difficulty"])
     hard = synthetic.Difficulty(**spec["hard"])
     gen = dict(source=name, render=spec["render"], seed=spec["seed"])
-    train = synthetic.generate(split="train", n=spec["n_train"], difficulty=easy, errors=spec.get("errors") or 0.0, **gen)
+    errors = spec.get("errors") or 0.0      # unchecked solutions: the train split only
+    train = synthetic.generate(split="train", n=spec["n_train"], difficulty=easy, errors=errors, **gen)
     seen = {r["question"] for r in train}
     test = synthetic.generate(split="test", n=spec["n_test"], difficulty=easy, exclude=seen, **gen)
     hard_rows = synthetic.generate(split="hard", n=spec["n_hard"], difficulty=hard, exclude=seen, **gen)
