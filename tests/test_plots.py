@@ -134,7 +134,7 @@ def test_report_and_summary(tmp_path):
         if fs.note:
             assert fs.note in page
     assert "Which format won" in page and "<table" in page
-    assert "Machine: CPU Fake CPU; GPU none (5 cells)" in page     # two pretraining cells, three RL cells
+    assert "Machine: CPU Fake CPU (avx2 fma); GPU none; torch threads 2 (5 cells)" in page   # 2 pretraining, 3 RL cells
     text = (res / "summary.txt").read_text()
     assert text.strip() == report.summary(db)
     assert "mixA · s · ppo · KL 0 · seed 0" in text and "mixA · s · ppo · KL 0.01 · seed 0" in text
