@@ -217,9 +217,9 @@ RENDERERS = {"tinygsm": render_tinygsm, "omi1": render_omi1, "omi2": render_omi2
 
 
 def with_a_wrong_number(p: Problem, rng: random.Random) -> Problem | None:
-    """``p`` as an unchecked generator might solve it: one step's number copied wrong (off by 1 to 9), the
-    values after it recomputed, the question and gold answer kept. None when every step divides (a wrong
-    divisor need not divide)."""
+    """``p`` as an unchecked generator might solve it: one step's number copied wrong (off by 1 to 9) and the
+    values after it, answer included, recomputed from it; the question is kept (``generate`` keeps the gold
+    answer in its row). None when every step divides (a wrong divisor need not divide)."""
     k = [i for i, s in enumerate(p.steps) if s.op != "div"]
     if not k:
         return None
