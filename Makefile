@@ -11,7 +11,7 @@ TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo tor
 CORES ?= all
 # Test files spread over this many pytest-xdist workers (a file's tests stay together, so its module
 # fixtures are built once; the longest files go out first, tests/conftest.py); the end-to-end tests wait
-# on subprocesses and Slurm, so two workers beat one even on 2 cores (README, Zen 4: 8 min 36 s, 11 min 3 s).
+# on subprocesses and Slurm, so two workers beat one even on 2 cores (measured on a 2-vCPU Zen 4: 8:36 against 11:03).
 TEST_WORKERS ?= 2
 
 .PHONY: run test lint setup clean-results

@@ -9,7 +9,7 @@ otherwise, and ``not measurable`` when no seed has them (the verdict then names 
 numbers start with that count and the seeds where the criterion failed (``6/8 seeds (seed 3: ...; seed 5:
 ...)``), then means over all the cells, with the standard deviation where there are several seeds.
 
-The criteria, in each seed (also in the README):
+The criteria, in each seed (also in docs/results.md):
 - F1 collapse: in every PPO/GRPO cell at KL 0, one format holds >= 90% of the rollouts at a step within
   the first episode, and that step is within ``max(5, episode / 4)`` steps of the checkpoint that ends
   the largest pass@1 gain.

@@ -5,7 +5,7 @@ starts with ``python -m echochamber.launch ... SCRIPT ARGS``, which decides on t
 whether a GPU is there (``--cpu`` otherwise) and then replaces itself with ``accelerate launch``; a job
 of one process runs the script in this interpreter instead: ``Accelerator`` makes a single-process state
 by itself and the script sets its own precision and threads, so the launcher would only add two
-interpreter start-ups (README: the timing).
+interpreter start-ups.
 Nothing here imports torch at module level, so the workflow can import it cheaply.
 """
 

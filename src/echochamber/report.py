@@ -98,7 +98,7 @@ def render_html(db_path, sets: list[plots.FigureSet], figures_rel: str, text_sum
              "<h2>Summary</h2>", f"<pre>{html.escape(text_summary)}</pre>",
              "<h2>The paper's findings</h2>",
              _table(findings.frame(judged), "F1-F7 as this grid shows them",
-                    "criteria: echochamber.findings (and the README); `echochamber findings` prints the same table"),
+                    "criteria: echochamber.findings (docs/results.md); `echochamber findings` prints the same table"),
              "<h2>Tables</h2>"]
     for name, title in (("pass1_before_after", "pass@1, pass@k and maj@k before and after RL"),
                         ("winning_format", "Which format won in each cell (primary benchmark)"),
