@@ -18,16 +18,21 @@ def rows(render, n=300, split="train", difficulty=EASY):
     return synthetic.generate("s", render, split, n, seed=7, difficulty=difficulty)
 
 
+def _returns(solution: str) -> int:
+    """What a TinyGSM solution's function returns (our own generated code)."""
+    fn = formats.extract_function(solution)
+    env = {}
+    exec(fn.source, env)
+    return env[fn.name]()
+
+
 @pytest.mark.parametrize("difficulty", [EASY, HARD])
 def test_every_tinygsm_function_returns_the_gold(difficulty):
     for row in rows("tinygsm", difficulty=difficulty):
-        fn = formats.extract_function(row["solution"])
-        assert fn.name == "simple_math_problem"
+        assert formats.extract_function(row["solution"]).name == "simple_math_problem"
         assert row["solution"].startswith("def simple_math_problem() -> int:\n    \"\"\"")
         assert row["question"] in row["solution"]  # the docstring restates the question
-        env = {}
-        exec(fn.source, env)  # our own generated code
-        assert env[fn.name]() == int(row["answer"])
+        assert _returns(row["solution"]) == int(row["answer"])
         assert formats.classify(row["solution"]) == "tinygsm"
 
 
@@ -117,13 +122,6 @@ def test_same_seed_gives_byte_identical_parquet(tmp_path):
     assert _digest(a) == _digest(b)
     assert _digest(a) != _digest(c)
     assert pq.read_schema(a).names == ["source", "id", "question", "solution", "answer", "split", "difficulty"]
-
-
-def _returns(solution: str) -> int:
-    fn = formats.extract_function(solution)
-    env = {}
-    exec(fn.source, env)  # our own generated code
-    return env[fn.name]()
 
 
 def test_unchecked_solutions_copy_one_number_wrong_and_leave_the_rest_as_they_were():
